@@ -1,0 +1,37 @@
+"""One block: compress, name, verify. A block is verified before it is decompressed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import zstandard
+from seedboot.agent.errors import BlockInvalid
+
+DEFAULT_LEVEL = 9
+
+
+def name_of(stored: bytes) -> str:
+    return hashlib.sha256(stored).hexdigest()
+
+
+def compress(plain: bytes, level: int = DEFAULT_LEVEL) -> bytes:
+    # A fresh compressor per call keeps this safe to use from several threads.
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(plain)
+
+
+def verify(stored: bytes, digest_hex: str, stored_len: int, plain_len: int, what: str = "block") -> bytes:
+    """Check stored bytes against the index, then decompress and check the plain length."""
+    if len(stored) != stored_len:
+        raise BlockInvalid(f"{what} {digest_hex[:16]}: {len(stored)} bytes, index says {stored_len}")
+    got = hashlib.sha256(stored).hexdigest()
+    if got != digest_hex:
+        raise BlockInvalid(f"{what} {digest_hex[:16]}: digest mismatch (got {got[:16]})")
+    try:
+        plain = zstandard.ZstdDecompressor().decompress(stored, max_output_size=plain_len)
+    except zstandard.ZstdError as e:
+        raise BlockInvalid(f"{what} {digest_hex[:16]}: does not decompress: {e}") from e
+    if len(plain) != plain_len:
+        raise BlockInvalid(
+            f"{what} {digest_hex[:16]}: decompresses to {len(plain)} bytes, expected {plain_len}"
+        )
+    return plain

@@ -1,0 +1,100 @@
+"""The signed statement of one image version: what the signature actually vouches for."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from seedboot.agent import signature
+from seedboot.agent.errors import FormatError, MetadataExpired
+from seedboot.agent.layout import check_digest, check_name
+
+META_FORMAT = 1
+
+
+@dataclass
+class Metadata:
+    name: str
+    version: int
+    created: int
+    expires: int
+    index: str
+    index_size: int
+    image_size: int
+    block_size: int
+    profile: str | None = None
+    mirrors: list[str] = field(default_factory=list)
+    format: int = META_FORMAT
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True, indent=1) + "\n").encode()
+
+    def expires_str(self) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires))
+
+
+def _field(d: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    v = d.get(key)
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        raise FormatError(f"{what}: field {key!r} missing or not {kind.__name__}")
+    return v
+
+
+def parse(data: bytes, what: str = "metadata") -> Metadata:
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{what}: not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise FormatError(f"{what}: not a JSON object")
+    fmt = _field(d, "format", int, what)
+    if fmt != META_FORMAT:
+        raise FormatError(f"{what}: metadata format {fmt} not supported", "update seedboot")
+    profile = d.get("profile")
+    if profile is not None:
+        check_digest(profile)
+    mirrors = d.get("mirrors", [])
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+        raise FormatError(f"{what}: field 'mirrors' must be a list of URLs")
+    return Metadata(
+        name=check_name(_field(d, "name", str, what)),
+        version=_field(d, "version", int, what),
+        created=_field(d, "created", int, what),
+        expires=_field(d, "expires", int, what),
+        index=check_digest(_field(d, "index", str, what)),
+        index_size=_field(d, "index_size", int, what),
+        image_size=_field(d, "image_size", int, what),
+        block_size=_field(d, "block_size", int, what),
+        profile=profile,
+        mirrors=list(mirrors),
+        format=fmt,
+    )
+
+
+def verify(
+    data: bytes,
+    sig_text: str,
+    keys: list[signature.PublicKey],
+    name: str,
+    version: int | None = None,
+    what: str = "metadata",
+) -> Metadata:
+    """Verify the signature first, then parse; the content must be for the image asked for."""
+    signature.verify(data, sig_text, keys, what)
+    meta = parse(data, what)
+    if meta.name != name:
+        raise FormatError(f"{what} is for image {meta.name!r}, not {name!r}", "the mirror tree is mixed up")
+    if version is not None and meta.version != version:
+        raise FormatError(f"{what} says version {meta.version}, expected {version}")
+    return meta
+
+
+def check_expiry(meta: Metadata, now: float | None = None, tolerance: int = 0) -> None:
+    now = time.time() if now is None else now
+    if now > meta.expires + tolerance:
+        raise MetadataExpired(
+            f"metadata of {meta.name} version {meta.version} expired on {meta.expires_str()}",
+            "the publisher must re-sign it (seedboot publish), or check this machine's clock",
+        )

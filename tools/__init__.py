@@ -1,0 +1,1 @@
+"""seedboot's publisher tools: mirror publishing, verification and disk building."""

@@ -1,0 +1,57 @@
+"""The ``seedboot`` command: one subcommand per module, errors as one line and a non-zero exit.
+
+Each module in COMMAND_MODULES defines ``add_parser(sub)``, which adds its subcommand(s)
+and sets ``func`` (taking the parsed arguments, returning an exit code) as the default.
+Modules are imported only when listed here, so each command loads just what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from seedboot.agent.errors import SeedError
+
+COMMAND_MODULES: tuple[str, ...] = ("seedboot.tools.keygen_cmd",)
+
+log = logging.getLogger("seedboot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seedboot",
+        description="Publish OS images as signed block mirrors and boot them from tiny seed disks.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log decisions (-vv: debug)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SeedError as e:
+        if args.debug:
+            raise
+        print(f"seedboot {args.command}: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"seedboot {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
