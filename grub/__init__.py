@@ -1,0 +1,1 @@
+"""GRUB menus for seed disks."""

@@ -1,0 +1,1 @@
+"""The miniroot: what goes into the initramfs beside the frozen agent."""
