@@ -1,0 +1,107 @@
+"""Read files of a mirror tree from a local directory or an HTTP(S) base URL.
+
+One ``get(path)`` per file; batch and background fetching with many transfers in flight
+live elsewhere (this is for the few small files of a release and for tools).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from seedboot.agent.errors import SeedError
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(SeedError):
+    """The mirror does not have this file (HTTP 404, or no such file)."""
+
+
+class Reader(Protocol):
+    location: str
+
+    def get(self, path: str) -> bytes: ...
+
+
+@dataclass
+class DirReader:
+    root: Path
+    location: str = ""
+
+    def __post_init__(self) -> None:
+        self.location = self.location or str(self.root)
+        if not self.root.is_dir():
+            raise SeedError(f"mirror directory {self.root} does not exist", "check --mirror")
+
+    def get(self, path: str) -> bytes:
+        try:
+            return (self.root / path).read_bytes()
+        except FileNotFoundError as e:
+            raise NotFound(f"{self.location}: no {path}") from e
+        except OSError as e:
+            raise SeedError(f"{self.location}: cannot read {path}: {e.strerror}") from e
+
+
+@dataclass
+class HttpReader:
+    """pycurl, one reused handle (keep-alive). Remembers the server's Date header, which a
+    machine with no trustworthy clock can use as a lower bound for the time."""
+
+    base_url: str
+    timeout: float = 20.0
+    connect_timeout: float = 5.0
+    location: str = ""
+    server_date: float | None = None
+    _curl: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        self.location = self.location or self.base_url
+
+    def get(self, path: str) -> bytes:
+        import pycurl
+
+        if self._curl is None:
+            self._curl = pycurl.Curl()
+        c = self._curl
+        body = io.BytesIO()
+        headers: list[bytes] = []
+        url = f"{self.base_url}/{path}"
+        c.setopt(pycurl.URL, url)
+        c.setopt(pycurl.WRITEDATA, body)
+        c.setopt(pycurl.HEADERFUNCTION, headers.append)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(self.connect_timeout * 1000))
+        c.setopt(pycurl.TIMEOUT_MS, int(self.timeout * 1000))
+        c.setopt(pycurl.FOLLOWLOCATION, True)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        try:
+            c.perform()
+        except pycurl.error as e:
+            raise SeedError(f"{url}: {e.args[-1]}", "is the mirror up and reachable?") from e
+        status = int(c.getinfo(pycurl.RESPONSE_CODE))
+        self._note_date(headers)
+        if status == 404:
+            raise NotFound(f"{url}: 404 not found")
+        if status != 200:
+            raise SeedError(f"{url}: HTTP {status}", "the mirror answered with an error")
+        return body.getvalue()
+
+    def _note_date(self, headers: list[bytes]) -> None:
+        for h in headers:
+            name, _, value = h.decode("latin-1").partition(":")
+            if name.strip().lower() == "date":
+                try:
+                    self.server_date = email.utils.parsedate_to_datetime(value.strip()).timestamp()
+                except (TypeError, ValueError):
+                    log.debug("unparseable Date header %r", value)
+
+
+def open_reader(location: str) -> Reader:
+    if location.startswith(("http://", "https://")):
+        return HttpReader(location)
+    return DirReader(Path(location))
