@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import zstandard
+
 from seedboot.agent.errors import BlockInvalid
 
 DEFAULT_LEVEL = 9

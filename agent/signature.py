@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from seedboot.agent.errors import FormatError, SignatureInvalid
 
 PK_ALG = b"Ed"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from seedboot.agent import blocks, index, metadata, signature
 from seedboot.agent.errors import BlockInvalid, FormatError, MetadataExpired, SignatureInvalid
 from seedboot.tools import keys
