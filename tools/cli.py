@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 
 from seedboot.agent.errors import SeedError
 
-COMMAND_MODULES: tuple[str, ...] = ("seedboot.tools.keygen_cmd",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "seedboot.tools.keygen_cmd",
+    "seedboot.tools.kernel_cmd",
+)
 
 log = logging.getLogger("seedboot")
 
