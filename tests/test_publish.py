@@ -152,3 +152,64 @@ def test_tampered_metadata_fails_verify(work: Path, published: Path, tmp_path: P
     meta.write_bytes(meta.read_bytes().replace(b'"version": 1', b'"version": 1 '))
     r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
     assert_one_line_error(r, "signature", "1.json", "invalid")
+
+
+def test_v2_reuses_blocks_and_v1_stays_valid(work: Path, tmp_path: Path) -> None:
+    mirror = tmp_path / "m"
+    src2 = tmp_path / "src2"
+    shutil.copytree(work / "src", src2)
+    (src2 / "etc" / "hostname").write_text("seedboot-test-v2\n")
+    v2 = make_ext4(src2, tmp_path / "v2.ext4")
+    key = work / "k.key"
+    assert (
+        run_cli("publish", work / "v1.ext4", "--mirror", mirror, "--name", "demo", "--key", key).returncode
+        == 0
+    )
+    r = run_cli("publish", v2, "--mirror", mirror, "--name", "demo", "--key", key, "--expires", "90d")
+    assert r.returncode == 0 and "version 2" in r.stdout, r.stderr
+    new = int(r.stdout.split(" new,")[0].rsplit(" ", 1)[-1])
+    reused = int(r.stdout.split(" reused,")[0].rsplit(" ", 1)[-1])
+    assert 0 < new <= (new + reused) // 10, r.stdout  # only what the changed file touched
+    assert (mirror / "demo" / "latest").read_text().strip() == "2"
+    # Rollback: version 1 is still there, signed, complete and byte-identical.
+    assert hashlib.sha256(rebuild(mirror, "demo", work / "k.pub", 1)).hexdigest() == sha256_file(
+        work / "v1.ext4"
+    )
+    assert hashlib.sha256(rebuild(mirror, "demo", work / "k.pub")).hexdigest() == sha256_file(v2)
+    info = run_cli("info", "--mirror", mirror)
+    assert info.returncode == 0, info.stderr
+    assert "demo: 2 version(s), latest 2" in info.stdout and "with the version before" in info.stdout
+    # An older version number is refused; the same content under an existing one is re-signed.
+    r = run_cli("publish", v2, "--mirror", mirror, "--name", "demo", "--key", key, "--version", "1")
+    assert_one_line_error(r, "version 1 of demo exists with different content")
+    r = run_cli("publish", v2, "--mirror", mirror, "--name", "demo", "--key", key, "--version", "2")
+    assert r.returncode == 0 and "re-signed demo version 2" in r.stdout, r.stderr
+    # gc --keep 1 drops version 1 and exactly the blocks only it used; version 2 still verifies.
+    only_v1 = {p.name for p in (mirror / "blocks").rglob("*") if p.is_file()} - {
+        d.hex()
+        for d in release.open_release(
+            DirReader(mirror), "demo", release.load_keys([work / "k.pub"])
+        ).index.digests
+    }
+    g = run_cli("gc", "--mirror", mirror, "--keep", "1")
+    assert g.returncode == 0, g.stderr
+    assert "removed demo version 1" in g.stdout and not (mirror / "demo" / "meta" / "1.json").exists()
+    assert len(only_v1) == new  # v1's blocks that v2 replaced
+    assert not any(p.name in only_v1 for p in (mirror / "blocks").rglob("*"))
+    assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub").returncode == 0
+
+
+def test_gc_keeps_every_referenced_block(work: Path, published: Path, tmp_path: Path) -> None:
+    mirror = copy_mirror(published, tmp_path / "m")
+    stray = mirror / "blocks" / "00" / ("0" * 64)
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"left by a publish that died")
+    before = snapshot(mirror)
+    dry = run_cli("gc", "--mirror", mirror, "--dry-run")
+    assert dry.returncode == 0 and f"would remove {stray}" in dry.stdout and snapshot(mirror) == before
+    g = run_cli("gc", "--mirror", mirror)
+    assert g.returncode == 0 and f"removed {stray}" in g.stdout, g.stdout
+    assert not stray.exists()
+    del before[str(stray.relative_to(mirror))]
+    assert snapshot(mirror) == before
+    assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub").returncode == 0
