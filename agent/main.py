@@ -1,0 +1,118 @@
+"""The frozen agent's entry point: ``seedboot-agent init|selftest|--version|mount|...``.
+
+``init`` (also what PID 1 does when given nothing else) runs the boot stages. The block
+device commands come from ``seedboot.agent.mount_cmd`` and are imported only when asked
+for, so PID 1 never pays for FUSE or trio: the block daemon is a separate exec of this
+same binary (``@seedboot-blockdev mount ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "psutil", "netifaces", "zstandard", "cryptography")
+INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help")
+
+
+def version() -> str:
+    try:
+        with open("/etc/initrd-release", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VERSION_ID="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("seedboot")
+    except Exception:
+        return "unknown"
+
+
+def selftest() -> int:
+    """Import everything the agent and the block daemon load at run time; print versions."""
+    import importlib
+    import pkgutil
+
+    import seedboot.agent
+
+    failed = []
+    for name in RUNTIME_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as e:
+            failed.append(name)
+            print(f"{name}: FAILED: {type(e).__name__}: {e}")
+            continue
+        ver = getattr(mod, "__version__", None) or getattr(mod, "version", None)
+        if name == "pycurl":
+            ver = mod.version
+        elif name == "pyfuse3":
+            ver = getattr(mod, "__version__", "?")
+        print(f"{name}: {ver}")
+    for info in pkgutil.walk_packages(seedboot.agent.__path__, "seedboot.agent."):
+        if info.name.endswith(("__main__",)):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:
+            failed.append(info.name)
+            print(f"{info.name}: FAILED: {type(e).__name__}: {e}")
+    if failed:
+        print(f"seedboot-agent selftest FAILED: {', '.join(failed)}")
+        return 1
+    print("seedboot-agent selftest ok")
+    return 0
+
+
+def _block_commands(argv: list[str]) -> int:
+    import argparse
+
+    from seedboot.agent import mount_cmd  # type: ignore[attr-defined,unused-ignore]
+    from seedboot.agent.errors import SeedError
+
+    parser = argparse.ArgumentParser(prog="seedboot-agent")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    mount_cmd.add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SeedError as e:
+        print(f"seedboot-agent {args.command}: error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 1
+
+
+USAGE = """usage: seedboot-agent init | selftest | --version | mount|umount|status ...
+  init       boot: run the stages (what PID 1 runs)
+  selftest   import every run-time dependency and print versions
+  mount ...  the block device (see seedboot-agent mount --help)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if os.getpid() == 1 and (not args or (args[0] not in INIT_COMMANDS and args[0].startswith("-"))):
+        args = ["init"]
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        print(f"seedboot-agent {version()}")
+        return 0
+    if args[0] == "selftest":
+        return selftest()
+    if args[0] == "init":
+        from seedboot.agent.stages.runner import init
+
+        return init(args[1:])
+    return _block_commands(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
