@@ -2,18 +2,21 @@
 
 Nothing of an image is trusted before ``open_release`` returns: the signature is checked
 over the exact metadata bytes, then the index must hash to the digest the metadata names.
+
+Who may sign: a trusted (root) key directly, or a signing key that the mirror's root-signed
+keys statement lists and does not revoke (keyring.py). With a state directory, versions
+older than the highest seen are refused (rollback.py) and the highest seen are recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from seedboot.agent import index as indexmod
-from seedboot.agent import layout, metadata, signature
+from seedboot.agent import keyring, layout, metadata, rollback, signature
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.errors import FormatError, SeedError
 from seedboot.agent.reader import NotFound, Reader
@@ -29,6 +32,12 @@ class Release:
     index: indexmod.Index
     index_bytes: bytes
     source: str
+    signer: str = ""  # key id of the metadata's signer
+    keys_stmt: keyring.KeysStatement | None = None  # the statement that vouched for the signer
+    keys_bytes: bytes | None = None
+    keys_sig: str | None = None
+    clock: rollback.Clock | None = None
+    notes: list[str] = field(default_factory=list)  # trust decisions, one console line each
 
     @property
     def meta_digest(self) -> str:
@@ -65,8 +74,16 @@ def open_release(
     now: float | None = None,
     tolerance: int = 0,
     check_expiry: bool = True,
+    state_dir: Path | None = None,
+    allow_older: bool = False,
+    keys_fallback: Reader | None = None,
 ) -> Release:
+    """``keys`` are the trusted root keys. ``state_dir`` (the cache) enables rollback protection;
+    ``keys_fallback`` (the cache, laid out like a mirror) supplies the last verified keys
+    statement when the mirror has none (offline boots)."""
     layout.check_name(name)
+    state = rollback.load_state(state_dir)
+    clock = rollback.Clock(now, "given time", tolerance) if now is not None else _clock(reader, tolerance)
     if version is None:
         version = latest_version(reader, name)
     what = f"{reader.location}/{layout.meta_path(name, version)}"
@@ -77,9 +94,27 @@ def open_release(
         raise SeedError(
             f"version {version} of {name!r} is not on {reader.location}", "seedboot info lists versions"
         ) from e
-    meta = metadata.verify(meta_bytes, sig_text, keys, name, version, what=what)
+    notes: list[str] = []
+    signer = keyring.signer_id(sig_text)
+    stmt: keyring.KeysStatement | None = None
+    stmt_files: tuple[bytes, str] | None = None
+    roots = {k.id_str for k in keys}
+    if signer in roots:
+        meta = metadata.verify(meta_bytes, sig_text, keys, name, version, what=what)
+        notes.append(f"signed by root key {signer}")
+    else:
+        stmt, stmt_files = _load_statement(reader, keys_fallback, keys, clock, state, check_expiry)
+        if stmt is None:
+            # No statement anywhere: the plain "not trusted" refusal says what to do.
+            meta = metadata.verify(meta_bytes, sig_text, keys, name, version, what=what)
+        else:
+            key = keyring.key_for(stmt, signer, f"{name} version {version}")
+            meta = metadata.verify(meta_bytes, sig_text, [key], name, version, what=what)
+            notes.append(f"signed by key {signer}, listed in keys statement version {stmt.version}")
     if check_expiry:
-        metadata.check_expiry(meta, now=now if now is not None else time.time(), tolerance=tolerance)
+        metadata.check_expiry(meta, now=clock.now, tolerance=clock.tolerance)
+        notes.append(clock.describe())
+    notes.append(state.check_image(name, version, allow_older))
     index_bytes = reader.get(layout.index_path(name, meta.index))
     got = hashlib.sha256(index_bytes).hexdigest()
     if got != meta.index:
@@ -102,13 +137,69 @@ def open_release(
         idx.nblocks,
         reader.location,
     )
-    return Release(meta, meta_bytes, sig_text, idx, index_bytes, reader.location)
+    changed = state.note_image(name, version)
+    if stmt is not None:
+        changed = state.note_keys(stmt.version) or changed
+    if changed:
+        state.save()
+    return Release(
+        meta,
+        meta_bytes,
+        sig_text,
+        idx,
+        index_bytes,
+        reader.location,
+        signer=signer,
+        keys_stmt=stmt,
+        keys_bytes=stmt_files[0] if stmt_files else None,
+        keys_sig=stmt_files[1] if stmt_files else None,
+        clock=clock if check_expiry else None,
+        notes=notes,
+    )
+
+
+def _clock(reader: Reader, tolerance: int) -> rollback.Clock:
+    server_date = getattr(reader, "server_date", None)
+    return rollback.choose_time(server_date=server_date, tolerance=min(tolerance, rollback.MAX_TOLERANCE))
+
+
+def _load_statement(
+    reader: Reader,
+    fallback: Reader | None,
+    roots: list[signature.PublicKey],
+    clock: rollback.Clock,
+    state: rollback.TrustState,
+    check_expiry: bool,
+) -> tuple[keyring.KeysStatement | None, tuple[bytes, str] | None]:
+    """The mirror's keys statement, else the fallback's (the cache's last verified copy).
+
+    A statement that fails (bad signature, expired, older than seen) is an error, never
+    skipped: skipping could fall back to an older statement that lists a revoked key."""
+    for src in (reader, fallback):
+        if src is None:
+            continue
+        try:
+            data = src.get(layout.keys_path())
+            sig = src.get(layout.keys_path() + ".minisig").decode("utf-8", "replace")
+        except NotFound:
+            log.info("no keys statement on %s", src.location)
+            continue
+        what = f"keys statement {src.location}/{layout.keys_path()}"
+        stmt = keyring.verify(data, sig, roots, what)
+        now = clock.now if check_expiry else 0.0
+        keyring.check_fresh(stmt, now, clock.tolerance, min_version=state.keys, where=src.location)
+        log.info("keys statement version %d from %s: keys %s", stmt.version, src.location, stmt.key_ids())
+        return stmt, (data, sig)
+    return None, None
 
 
 def save_release(root: Path, rel: Release, set_latest: bool = True) -> None:
     """Keep a verified release in a directory laid out like a mirror (a cache can serve as one)."""
     name, version = rel.meta.name, rel.meta.version
     write_atomic(root / layout.index_path(name, rel.meta.index), rel.index_bytes)
+    if rel.keys_bytes is not None and rel.keys_sig is not None:
+        write_atomic(root / (layout.keys_path() + ".minisig"), rel.keys_sig.encode())
+        write_atomic(root / layout.keys_path(), rel.keys_bytes)
     write_atomic(root / layout.sig_path(name, version), rel.sig_text.encode())
     write_atomic(root / layout.meta_path(name, version), rel.meta_bytes)
     if set_latest:
