@@ -17,6 +17,7 @@ from seedboot.agent.errors import SeedError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.keygen_cmd",
+    "seedboot.tools.keys_cmd",
     "seedboot.tools.info_cmd",
     "seedboot.tools.gc_cmd",
     "seedboot.tools.verify_cmd",
