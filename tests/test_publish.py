@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from seedboot.agent import blocks, layout, release
+from seedboot.agent import blocks, layout, metadata, release
+from seedboot.agent import index as index_mod
 from seedboot.agent.reader import DirReader
 from seedboot.tools import keys, publish
 from tests.helpers import keypair, make_ext4, make_tree, sha256_file
@@ -104,7 +108,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) ->
     lines = r.stderr.splitlines()
     assert lines and ": error: " in lines[0] and all(ln.startswith("  hint:") for ln in lines[1:]), r.stderr
     for n in needles:
-        assert n in lines[0], r.stderr
+        assert n in r.stderr, r.stderr
 
 
 def test_cat_over_nginx_is_byte_identical(work: Path, published: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
@@ -213,3 +217,86 @@ def test_gc_keeps_every_referenced_block(work: Path, published: Path, tmp_path: 
     del before[str(stray.relative_to(mirror))]
     assert snapshot(mirror) == before
     assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub").returncode == 0
+
+
+def test_killed_publish_leaves_previous_version_valid(work: Path, published: Path, tmp_path: Path) -> None:
+    mirror = copy_mirror(published, tmp_path / "m")
+    # 48 MB of four-letter noise: slow to compress at level 19, so the kill lands mid-publish.
+    rng = random.Random(7)
+    big = tmp_path / "big.img"
+    big.write_bytes(rng.randbytes(48 << 20).translate(bytes(b"ACGT"[i % 4] for i in range(256))))
+    before = {p.name for p in (mirror / "blocks").rglob("*") if p.is_file()}
+    cmd = [SEEDBOOT, "publish", str(big), "--mirror", str(mirror), "--name", "demo", "--level", "19"]
+    proc = subprocess.Popen(
+        [*cmd, "--key", str(work / "k.key")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if {p.name for p in (mirror / "blocks").rglob("*") if p.is_file()} - before:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "publish finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (mirror / "demo" / "latest").read_text().strip() == "1"
+    assert not (mirror / "demo" / "meta" / "2.json").exists()
+    r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+    assert r.returncode == 0 and "version 1 OK" in r.stdout, r.stderr
+    # The next publish goes through, and gc sweeps what the killed one left behind.
+    r = run_cli("publish", big, "--mirror", mirror, "--name", "demo", "--key", work / "k.key", "--level", "1")
+    assert r.returncode == 0 and "version 2" in r.stdout, r.stderr
+    g = run_cli("gc", "--mirror", mirror)
+    assert g.returncode == 0 and "removed" in g.stdout, g.stdout
+    for v in ("1", "2"):
+        r = run_cli(
+            "verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub", "--version", v
+        )
+        assert r.returncode == 0, r.stderr
+
+
+def test_bad_input_gives_one_line_and_damages_nothing(work: Path, published: Path, tmp_path: Path) -> None:
+    mirror = copy_mirror(published, tmp_path / "m")
+    key, pub = work / "k.key", work / "k.pub"
+    loose = tmp_path / "loose.key"
+    shutil.copy(key, loose)
+    loose.chmod(0o644)
+    _, other_pub = keypair(tmp_path, "other")
+    sk = keys.load_secret_key(key)
+    # An expired version of another image, and one whose signed index does not add up.
+    publish.publish(work / "v1.ext4", mirror, "old", sk, now=time.time() - 7200, expires=3600)
+    bad_index = bytearray(index_mod.Index(65536, 65536 * 2, [b"\1" * 32] * 2, [10, 10]).encode())
+    bad_index[12:20] = (65536 * 5).to_bytes(8, "big")
+    digest = hashlib.sha256(bad_index).hexdigest()
+    (mirror / "odd" / "index").mkdir(parents=True)
+    (mirror / "odd" / "index" / digest).write_bytes(bad_index)
+    meta = metadata.Metadata("odd", 1, 0, 2**40, digest, len(bad_index), 65536 * 2, 65536)
+    (mirror / "odd" / "meta").mkdir()
+    (mirror / "odd" / "meta" / "1.json").write_bytes(meta.to_json())
+    (mirror / "odd" / "meta" / "1.json.minisig").write_text(keys.sign(sk, meta.to_json(), "odd"))
+    (mirror / "odd" / "latest").write_text("1\n")
+    before = snapshot(mirror)
+    pub_args = ("--mirror", mirror, "--key", key)
+    cases: list[tuple[tuple[str | Path, ...], tuple[str, ...]]] = [
+        (("publish", tmp_path / "nope.img", "--name", "demo", *pub_args), ("cannot read image",)),
+        (("publish", work / "v1.ext4", "--name", "demo", "--mirror", mirror, "--key", loose), ("chmod 600",)),
+        (("publish", work / "v1.ext4", "--name", "demo", "--mirror", mirror, "--key", pub), ("secret key",)),
+        (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--block-size", "3000"), ("block size",)),
+        (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--expires", "soon"), ("duration",)),
+        (("publish", work / "v1.ext4", "--name", "../x", *pub_args), ("invalid image name",)),
+        (("verify", "--mirror", mirror, "--name", "nope", "--pubkey", pub), ("'nope' is not on mirror",)),
+        (("verify", "--mirror", mirror, "--name", "demo", "--pubkey", other_pub), ("not trusted",)),
+        (("verify", "--mirror", mirror, "--name", "demo", "--pubkey", pub, "--version", "9"), ("version 9",)),
+        (("verify", "--mirror", mirror, "--name", "old", "--pubkey", pub), ("expired",)),
+        (("verify", "--mirror", mirror, "--name", "odd", "--pubkey", pub), ("do not add up",)),
+        (("cat", "--mirror", mirror, "--name", "odd", "--pubkey", pub, "--out", tmp_path / "o"), ("add up",)),
+        (("info", "--mirror", mirror, "--name", "nope"), ("'nope' is not in mirror",)),
+        (("info", "--mirror", tmp_path / "nothere"), ("does not exist",)),
+        (("gc", "--mirror", mirror, "--keep", "0"), ("--keep 0",)),
+    ]
+    for args, needles in cases:
+        assert_one_line_error(run_cli(*args), *needles)
+        assert snapshot(mirror) == before, args
+    assert not (tmp_path / "o").exists()
+    assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", pub).returncode == 0
