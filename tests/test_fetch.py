@@ -35,10 +35,11 @@ def test_many_transfers_each_with_its_own_result(tmp_path: Path, nginx: Callable
     assert isinstance(got["f/missing"], NotFound) and "404" in got["f/missing"].message
     assert isinstance(got["f/0007"], FetchError) and "HTTP 500" in got["f/0007"].message
     # Keep-alive: 301 requests over at most 8 connections, counted by the server
-    # (stub_status "accepts"; plus the fixture's port probe and the status request itself).
+    # (stub_status "accepts"; plus the fixture's port probe, the status request itself, and
+    # one reconnect: nginx closes the connection after a 500).
     with urllib.request.urlopen(f"{srv.url}/status") as resp:
         accepts, _handled, requests = map(int, resp.read().decode().splitlines()[2].split())
-    assert requests == 302 and accepts <= 8 + 2
+    assert requests == 302 and accepts <= 8 + 3
 
 
 def test_failover_to_the_next_mirror_and_size_limit(tmp_path: Path, nginx: Callable[..., Nginx]) -> None:
