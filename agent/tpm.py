@@ -18,17 +18,18 @@ one JSON line in ``/run/log/seedboot/tpm2-measure.log`` (beside systemd's
 
 Rollback counter. Per image, two NV indices in the owner range (TCG handle registry:
 0x01800000-0x01BFFFFF), at ``COUNTER_BASE + 2*slot`` with ``slot`` from the image name's
-SHA-256 (0..127): a counter (``nt=counter``) and an 76-byte ordinary index holding the
+SHA-256 (0..127): a counter (``nt=counter``) and a 76-byte ordinary index holding the
 image name and a *base*, written once and write-locked (``writedefine``: locked until
 the index is deleted). The highest version seen is ``counter - base``. A TPM counter cannot
 be set, only incremented, and it cannot be read before its first increment; a fresh counter
 then holds a non-zero value: 1 on a new TPM, or the highest count of any counter ever
 deleted from this TPM (TPM 2.0 part 1, "NV counters"), possibly millions on a used one. So
-at first use the agent increments once, reads ``c`` and stores ``base = c - version``. A newer version increments the counter ``version - highest`` times
-(at most ``MAX_STEPS`` per boot; a larger jump leaves the counter behind the state file,
-which still refuses older versions exactly). Limit: whoever holds the TPM owner
-authorization (often empty) can delete both indices; the agent then starts over at the
-version it sees, and only the state file on the cache still refuses older versions.
+at first use the agent increments once, reads ``c`` and stores ``base = c - version``.
+A newer version increments the counter ``version - highest`` times (at most ``MAX_STEPS``
+a boot; a larger jump leaves the counter behind the state file, which still refuses
+older versions exactly). Limit: whoever holds the TPM owner authorization (often empty)
+can delete both indices; the agent then starts over at the version it sees, and only the
+state file on the cache still refuses older versions.
 
 Where no TPM is present (no ``/dev/tpmrm0``) nothing is measured and the console says so.
 The TCTI is ``device:/dev/tpmrm0`` by default; ``SEEDBOOT_TPM_TCTI`` or ``TPM2TOOLS_TCTI``
