@@ -18,8 +18,6 @@ from seedboot.agent.cmdline import STAGE_NAMES, Cmdline
 from seedboot.agent.console import Console
 
 if TYPE_CHECKING:
-    import subprocess
-
     from seedboot.agent.release import Release
 
 __all__ = ["STAGE_NAMES", "Context", "NetInfo", "Paths"]
@@ -85,7 +83,7 @@ class Context:
     release: Release | None = None
     clock_note: str = ""
     trace: Path | None = None
-    daemon: subprocess.Popen[bytes] | None = None
+    daemon_pid: int | None = None
     loopdev: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

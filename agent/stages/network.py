@@ -1,0 +1,206 @@
+"""Stage 3: the network. DHCP on every NIC with carrier (first lease wins), or the kernel's ``ip=``.
+
+DHCP is busybox ``udhcpc``, one per interface, all at once; its script only writes the lease
+to a file (``/run/seedboot/dhcp/IFACE.lease``) and the agent configures the winner itself,
+so a second answer on another NIC changes nothing. The lease is not renewed by the agent:
+the booted OS runs its own network configuration (the address stays until it does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from seedboot.agent.cmdline import StaticIP
+from seedboot.agent.errors import SeedError
+from seedboot.agent.stages import Context, NetInfo
+from seedboot.agent.stages import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+CARRIER_WAIT = 5.0
+DHCP_WAIT = 20.0
+RESOLV_CONF = "/etc/resolv.conf"
+UDHCPC_SCRIPT = """#!/bin/sh
+# seedboot: udhcpc calls this with $1 = deconfig|bound|renew|leasefail|nak.
+# Only record the lease; the agent configures the interface that answered first.
+case "$1" in
+bound|renew)
+    f="$LEASEDIR/$interface.lease"
+    {
+        echo "ip=$ip"
+        echo "subnet=$subnet"
+        echo "router=$router"
+        echo "dns=$dns"
+        echo "hostname=$hostname"
+        echo "domain=$domain"
+        echo "lease=$lease"
+        echo "serverid=$serverid"
+    } > "$f.tmp" && mv "$f.tmp" "$f"
+    ;;
+esac
+exit 0
+"""
+
+
+def parse_lease(text: str, iface: str) -> NetInfo:
+    """The key=value file the udhcpc script writes."""
+    v = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    ip = v.get("ip", "")
+    try:
+        addr = ipaddress.IPv4Address(ip)
+        prefix = ipaddress.IPv4Network(f"0.0.0.0/{v.get('subnet') or '255.255.255.0'}").prefixlen
+    except ValueError as e:
+        raise SeedError(
+            f"DHCP on {iface}: unusable lease {v}", "a DHCP server bug? try ip= on the command line"
+        ) from e
+    routers = v.get("router", "").split()
+    lease = v.get("lease", "")
+    return NetInfo(
+        iface=iface,
+        address=f"{addr}/{prefix}",
+        gateway=routers[0] if routers else None,
+        dns=v.get("dns", "").split(),
+        how="DHCP",
+        lease=int(lease) if lease.isdigit() else None,
+        hostname=v.get("hostname") or None,
+        domain=v.get("domain") or None,
+    )
+
+
+def resolv_conf(net: NetInfo) -> str:
+    lines = [f"# written by seedboot from {net.how} on {net.iface}"]
+    if net.domain:
+        lines.append(f"search {net.domain}")
+    lines += [f"nameserver {d}" for d in net.dns]
+    return "\n".join(lines) + "\n"
+
+
+def carrier(iface: str) -> bool:
+    try:
+        return Path(f"/sys/class/net/{iface}/carrier").read_text().strip() == "1"
+    except OSError:
+        return False  # EINVAL while the link is down
+
+
+def ip(*args: str) -> None:
+    sc.run(["ip", *args], timeout=10, what="configuring the network")
+
+
+def link_up(ifaces: list[str]) -> None:
+    ip("link", "set", "lo", "up")
+    for i in ifaces:
+        ip("link", "set", i, "up")
+
+
+def configure(net: NetInfo) -> None:
+    ip("addr", "add", net.address, "dev", net.iface)
+    if net.gateway:
+        ip("route", "add", "default", "via", net.gateway, "dev", net.iface)
+    with contextlib.suppress(OSError):
+        Path(RESOLV_CONF).parent.mkdir(parents=True, exist_ok=True)
+        Path(RESOLV_CONF).write_text(resolv_conf(net))
+
+
+def dhcp(ctx: Context, ifaces: list[str]) -> NetInfo:
+    leasedir = ctx.paths.run / "dhcp"
+    leasedir.mkdir(parents=True, exist_ok=True)
+    script = ctx.paths.run / "udhcpc.script"
+    script.write_text(UDHCPC_SCRIPT)
+    script.chmod(0o755)
+    env = {"PATH": os.environ.get("PATH", "/bin:/sbin"), "LEASEDIR": str(leasedir)}
+    tries = int(DHCP_WAIT / 2)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for i in ifaces:
+        (leasedir / f"{i}.lease").unlink(missing_ok=True)
+        procs[i] = subprocess.Popen(
+            ["udhcpc", "-f", "-q", "-n", "-i", i, "-t", str(tries), "-T", "2", "-s", str(script)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    ctx.console.waiting(f"a DHCP answer on {' '.join(ifaces)}", DHCP_WAIT)
+    start = time.monotonic()
+    won: NetInfo | None = None
+    try:
+        while won is None and time.monotonic() - start < DHCP_WAIT + 2:
+            for i in ifaces:
+                lease = leasedir / f"{i}.lease"
+                if lease.exists():
+                    won = parse_lease(lease.read_text(), i)
+                    break
+            else:
+                if all(p.poll() is not None for p in procs.values()):
+                    break
+                time.sleep(0.05)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        ctx.timings["wait:dhcp"] = time.monotonic() - start
+    if won is None:
+        raise SeedError(
+            f"no DHCP answer on {' '.join(ifaces)} after {DHCP_WAIT:.0f}s",
+            "is the cable in / the virtual NIC attached to a network with DHCP? "
+            "Or set a static address: ip=CLIENT::GATEWAY:NETMASK::DEVICE:off",
+        )
+    return won
+
+
+def static(ctx: Context, s: StaticIP) -> NetInfo:
+    dev = s.device or next((n for n in ctx.nics if carrier(n)), ctx.nics[0] if ctx.nics else None)
+    if dev is None or dev not in ctx.nics:
+        raise SeedError(
+            f"ip= names device {dev or '(none)'}, but the NICs are: {' '.join(ctx.nics) or 'none'}",
+            "fix the device field of ip=",
+        )
+    return NetInfo(dev, s.cidr(), s.gateway, list(s.dns), "static", hostname=s.hostname)
+
+
+def wait_carrier(ctx: Context, ifaces: list[str]) -> list[str]:
+    deadline = time.monotonic() + CARRIER_WAIT
+    up = [i for i in ifaces if carrier(i)]
+    if not up:
+        ctx.console.waiting(f"a link (carrier) on {' '.join(ifaces)}", CARRIER_WAIT)
+    while not up and time.monotonic() < deadline:
+        time.sleep(0.05)
+        up = [i for i in ifaces if carrier(i)]
+    ctx.timings["wait:carrier"] = CARRIER_WAIT - max(0.0, deadline - time.monotonic())
+    return up
+
+
+def run(ctx: Context) -> str:
+    cfg = ctx.cmdline.ip
+    if ctx.cmdline.offline and cfg.mode != "static":
+        return "skipped: seed.offline"
+    if cfg.mode == "off":
+        return "skipped: ip=off"
+    wanted = [cfg.device] if cfg.device else list(ctx.nics)
+    missing = [i for i in wanted if i not in ctx.nics]
+    if missing:
+        raise SeedError(
+            f"ip= names {' '.join(missing)}, but the NICs are: {' '.join(ctx.nics) or 'none'}",
+            "fix the device field of ip=",
+        )
+    link_up(wanted)
+    if cfg.mode == "static" and cfg.static is not None:
+        net = static(ctx, cfg.static)
+    else:
+        up = wait_carrier(ctx, wanted)
+        # No carrier anywhere: some virtual NICs never report it; ask on all of them.
+        net = dhcp(ctx, up or wanted)
+    configure(net)
+    ctx.net = net
+    detail = f"{net.iface} {net.address} via {net.how}"
+    if net.gateway:
+        detail += f", gateway {net.gateway}"
+    if net.lease:
+        detail += f" (lease {net.lease}s)"
+    return detail

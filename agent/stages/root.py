@@ -1,0 +1,165 @@
+"""Stage 8: read-only loop device on the FUSE file, its file system, and an overlay on top.
+
+The loop device is set up with one ``LOOP_CONFIGURE`` ioctl (read-only, direct I/O: the
+page cache of the loop device is enough, a second copy in the FUSE file's cache only costs
+memory; PLATFORM-NOTES measured it faster too). The overlay's upper layer is a tmpfs under
+/run (``seed.overlay=tmpfs``, the default) or ``/knxblock/overlay/NAME`` on the cache
+partition (``seed.overlay=persist``), so changes survive a reboot.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+
+from seedboot.agent.errors import SeedError
+from seedboot.agent.stages import Context
+from seedboot.agent.stages import syscalls as sc
+
+log = logging.getLogger(__name__)
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
+# struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
+# loop_info64: 5 x u64, 4 x u32 (number, encrypt_type, encrypt_key_size, flags), 64+64+32 bytes, 2 x u64
+_LOOP_INFO64 = "<5Q4I64s64s32s2Q"
+_LOOP_CONFIG = "<II" + _LOOP_INFO64[1:] + "8Q"
+DEFAULT_INIT = "/sbin/init"
+OVERLAY_TMPFS_SIZE = "50%"
+
+
+def loop_config(fd: int, name: str, flags: int) -> bytes:
+    return struct.pack(
+        _LOOP_CONFIG, fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags, name.encode()[:63], b"", b"", 0, 0, *([0] * 8)
+    )
+
+
+def attach_loop(image: Path, direct_io: bool = True) -> str:
+    """A free loop device on ``image``, read-only; returns its path (e.g. /dev/loop0)."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+    finally:
+        os.close(ctl)
+    dev = f"/dev/loop{n}"
+    for _ in range(50):  # devtmpfs creates the node asynchronously after GET_FREE
+        if os.path.exists(dev):
+            break
+        time.sleep(0.02)
+    backing = os.open(image, os.O_RDONLY)
+    loopfd = os.open(dev, os.O_RDONLY)
+    try:
+        flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | (LO_FLAGS_DIRECT_IO if direct_io else 0)
+        try:
+            fcntl.ioctl(loopfd, LOOP_CONFIGURE, loop_config(backing, image.name, flags))
+        except OSError as e:
+            if not direct_io or e.errno != errno.EINVAL:
+                raise
+            log.info("loop: direct I/O refused on %s; without it", image)
+            fcntl.ioctl(loopfd, LOOP_CONFIGURE, loop_config(backing, image.name, flags & ~LO_FLAGS_DIRECT_IO))
+    finally:
+        os.close(backing)
+        # The loop device keeps its own reference to the file; with AUTOCLEAR it detaches
+        # when the last user (the mount) goes away.
+        os.close(loopfd)
+    return dev
+
+
+def fstype(dev: str) -> str:
+    with open(dev, "rb") as f:
+        head = f.read(4096)
+    if head[:4] == b"hsqs":
+        return "squashfs"
+    if len(head) >= 1028 and struct.unpack_from("<I", head, 1024)[0] == 0xE0F5E1E2:
+        return "erofs"
+    if len(head) >= 1082 and struct.unpack_from("<H", head, 1080)[0] == 0xEF53:
+        return "ext4"
+    raise SeedError(
+        f"root filesystem did not mount: {dev} holds no ext4, erofs or squashfs file system",
+        "the published image is not a file system image; republish it",
+    )
+
+
+def upper_dirs(ctx: Context) -> tuple[Path, Path, str]:
+    if ctx.cmdline.overlay == "persist":
+        if ctx.cache_kind != "disk":
+            raise SeedError(
+                "seed.overlay=persist needs the cache partition, but the cache is in RAM",
+                "attach the seed disk's KNXBLOCK partition, or boot with seed.overlay=tmpfs",
+            )
+        base = ctx.paths.cache / "overlay" / (ctx.cmdline.name or "root")
+        where = f"persistent on {base}"
+    else:
+        base = ctx.paths.run / "overlay"
+        base.mkdir(parents=True, exist_ok=True)
+        if not sc.is_mountpoint(str(base)):
+            sc.mount("tmpfs", str(base), "tmpfs", sc.MS_NOSUID, f"mode=0755,size={OVERLAY_TMPFS_SIZE}")
+        where = f"tmpfs ({OVERLAY_TMPFS_SIZE} of RAM)"
+    upper, work = base / "upper", base / "work"
+    upper.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return upper, work, where
+
+
+def init_path(ctx: Context) -> str:
+    return ctx.cmdline.init or DEFAULT_INIT
+
+
+def has_init(newroot: Path, init: str) -> bool:
+    """True if ``init`` exists in ``newroot`` (following symlinks inside the new root)."""
+    p = init
+    for _ in range(10):
+        full = newroot / p.lstrip("/")
+        if full.is_symlink():
+            target = os.readlink(full)
+            p = target if target.startswith("/") else os.path.join(os.path.dirname(p), target)
+            continue
+        return full.is_file()
+    return False
+
+
+def run(ctx: Context) -> str:
+    image = ctx.paths.mountpoint / "disk.img"
+    try:
+        dev = attach_loop(image)
+    except OSError as e:
+        raise SeedError(
+            f"root filesystem did not mount: no loop device on {image}: {e.strerror}",
+            "is the loop module in the miniroot? see /run/seedboot/blockdev.log",
+        ) from e
+    ctx.loopdev = dev
+    fs = fstype(dev)
+    lower = ctx.paths.lower
+    lower.mkdir(parents=True, exist_ok=True)
+    try:
+        sc.mount(dev, str(lower), fs, sc.MS_RDONLY)
+    except OSError as e:
+        raise SeedError(
+            f"root filesystem did not mount: {fs} on {dev}: {e.strerror}",
+            f"is the {fs} module in the miniroot? see /run/seedboot/blockdev.log for read errors",
+        ) from e
+    upper, work, where = upper_dirs(ctx)
+    newroot = ctx.paths.newroot
+    newroot.mkdir(parents=True, exist_ok=True)
+    try:
+        sc.mount("overlay", str(newroot), "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
+    except OSError as e:
+        raise SeedError(
+            f"root filesystem did not mount: overlay on {newroot}: {e.strerror}",
+            "with seed.overlay=persist, remove a damaged /knxblock/overlay from the rescue shell",
+        ) from e
+    init = init_path(ctx)
+    if not has_init(newroot, init):
+        raise SeedError(
+            f"the root file system has no {init}",
+            "is this an OS image? boot with init=PATH to run another program",
+        )
+    return f"{dev} ({fs}, ro, direct I/O) on {lower}; overlay {where} on {newroot}"

@@ -1,0 +1,122 @@
+"""Stage 9: switch into the new root and exec its init, like busybox ``switch_root``.
+
+1. Delete the initramfs's files (not crossing into other file systems): its memory is
+   freed. Only on rootfs/tmpfs and only as PID 1 — never on a disk.
+2. Make /dev /proc /sys /run appear in the new root. They are bound recursively rather than
+   moved: the block daemon keeps the initramfs as its root directory, and a move would take
+   /run (its runtime, its lazily imported modules) and /proc from under it. For the booted
+   OS the result is the same as a move. The cache partition is also bound at
+   /run/seedboot/knxblock so the booted OS can see it.
+3. Move the new root over ``/``, chroot into it, exec its init (``init=`` or /sbin/init).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import sys
+
+from seedboot.agent.console import uptime
+from seedboot.agent.errors import SeedError
+from seedboot.agent.stages import Context
+from seedboot.agent.stages import syscalls as sc
+from seedboot.agent.stages.root import has_init, init_path
+
+log = logging.getLogger(__name__)
+
+KERNEL_MOUNTS = ("dev", "proc", "sys", "run")
+RAMFS_MAGIC = 0x858458F6
+TMPFS_MAGIC = 0x01021994
+
+
+def delete_contents(path: str, dev: int) -> int:
+    """Remove everything under ``path`` on device ``dev``; mount points are left alone."""
+    removed = 0
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return 0
+    for e in entries:
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if st.st_dev != dev:
+            continue  # another file system mounted here
+        full = e.path
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                removed += delete_contents(full, dev)
+                os.rmdir(full)
+            else:
+                os.unlink(full)
+            removed += 1
+        except OSError:
+            pass  # a mount point below, or busy: switch_root ignores these too
+    return removed
+
+
+def root_is_ram() -> bool:
+    import ctypes
+
+    class Statfs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    buf = Statfs()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(b"/", ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) in (RAMFS_MAGIC, TMPFS_MAGIC)
+
+
+def timing_line(ctx: Context) -> str:
+    now = uptime()
+    handoff = ctx.timings.get("handoff", 0.0)
+    first = ctx.timings.get("first-line", 0.0)
+    waits = sum(v for k, v in ctx.timings.items() if k.startswith("wait:"))
+    total = now - handoff
+    return (
+        f"timing: kernel started init at {handoff:.2f}s, agent's first line at {first:.2f}s, "
+        f"switch at {now:.2f}s; "
+        f"agent {total:.2f}s of which waiting on network/mirrors/daemon {waits:.2f}s: "
+        f"overhead {total - waits:.2f}s"
+    )
+
+
+def run(ctx: Context) -> str:
+    newroot = str(ctx.paths.newroot)
+    init = init_path(ctx)
+    if not has_init(ctx.paths.newroot, init):
+        raise SeedError(f"the new root has no {init}", "boot with init=PATH")
+    if os.getpid() != 1:
+        raise SeedError("switch: not PID 1; refusing to take over this machine's root", "")
+    knx = ctx.paths.run / "knxblock"
+    if sc.is_mountpoint(str(ctx.paths.cache)):
+        knx.mkdir(parents=True, exist_ok=True)
+        sc.mount(str(ctx.paths.cache), str(knx), None, sc.MS_BIND)
+    os.chdir(newroot)
+    freed = 0
+    if root_is_ram():
+        freed = delete_contents("/", os.stat("/").st_dev)
+    for d in KERNEL_MOUNTS:
+        target = os.path.join(newroot, d)
+        os.makedirs(target, exist_ok=True)
+        sc.mount(f"/{d}", target, None, sc.MS_BIND | sc.MS_REC)
+    line = timing_line(ctx)
+    ctx.console.note(line)
+    log.info("%s", line)
+    ctx.console.stage("switch", "ok", 0.0, f"freed {freed} initramfs entries; exec {init}")
+    sc.mount(newroot, "/", None, sc.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    env = {
+        "HOME": "/",
+        "TERM": "linux",
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    }
+    os.execve(init, [init], env)
+    raise AssertionError("unreachable")
