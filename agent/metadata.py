@@ -12,6 +12,54 @@ from seedboot.agent.errors import FormatError, MetadataExpired
 from seedboot.agent.layout import check_digest, check_name
 
 META_FORMAT = 1
+VERITY_BLOCK = 4096
+
+
+@dataclass
+class Verity:
+    """A dm-verity hash tree of the image (``NAME/verity/<tree>``, no superblock): the kernel
+    checks every read of the root device against ``root_hash`` (see tools/verity.py)."""
+
+    root_hash: str
+    salt: str  # hex
+    tree: str  # SHA-256 of the hash tree file
+    tree_size: int
+    data_blocks: int  # of data_block_size; the last one zero-padded if the image is not aligned
+    data_size: int  # the image size the tree was computed over (before padding)
+    hash: str = "sha256"
+    data_block_size: int = VERITY_BLOCK
+    hash_block_size: int = VERITY_BLOCK
+    hash_type: int = 1
+
+
+def _parse_verity(v: Any, what: str) -> Verity:
+    if not isinstance(v, dict):
+        raise FormatError(f"{what}: field 'verity' must be an object")
+    out = Verity(
+        root_hash=check_digest(_field(v, "root_hash", str, what)),
+        salt=_field(v, "salt", str, what),
+        tree=check_digest(_field(v, "tree", str, what)),
+        tree_size=_field(v, "tree_size", int, what),
+        data_blocks=_field(v, "data_blocks", int, what),
+        data_size=_field(v, "data_size", int, what),
+        hash=_field(v, "hash", str, what),
+        data_block_size=_field(v, "data_block_size", int, what),
+        hash_block_size=_field(v, "hash_block_size", int, what),
+        hash_type=_field(v, "hash_type", int, what),
+    )
+    ok = (
+        out.hash == "sha256"
+        and out.hash_type == 1
+        and out.data_block_size == out.hash_block_size == VERITY_BLOCK
+        and len(out.salt) <= 512
+        and all(c in "0123456789abcdef" for c in out.salt)
+        and len(out.salt) % 2 == 0
+        and out.tree_size > 0
+        and out.data_blocks == -(-out.data_size // VERITY_BLOCK)
+    )
+    if not ok:
+        raise FormatError(f"{what}: unsupported or inconsistent dm-verity parameters", "update seedboot")
+    return out
 
 
 @dataclass
@@ -27,9 +75,13 @@ class Metadata:
     profile: str | None = None
     mirrors: list[str] = field(default_factory=list)
     format: int = META_FORMAT
+    verity: Verity | None = None
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), sort_keys=True, indent=1) + "\n").encode()
+        d = asdict(self)
+        if self.verity is None:
+            del d["verity"]  # metadata without verity stays byte-identical to before the field
+        return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
 
     def expires_str(self) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires))
@@ -58,7 +110,7 @@ def parse(data: bytes, what: str = "metadata") -> Metadata:
     mirrors = d.get("mirrors", [])
     if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
         raise FormatError(f"{what}: field 'mirrors' must be a list of URLs")
-    return Metadata(
+    meta = Metadata(
         name=check_name(_field(d, "name", str, what)),
         version=_field(d, "version", int, what),
         created=_field(d, "created", int, what),
@@ -70,7 +122,11 @@ def parse(data: bytes, what: str = "metadata") -> Metadata:
         profile=profile,
         mirrors=list(mirrors),
         format=fmt,
+        verity=None if d.get("verity") is None else _parse_verity(d["verity"], what),
     )
+    if meta.verity is not None and meta.verity.data_size != meta.image_size:
+        raise FormatError(f"{what}: the dm-verity tree covers {meta.verity.data_size} bytes, not the image")
+    return meta
 
 
 def verify(

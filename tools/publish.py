@@ -240,8 +240,12 @@ def publish(
     threads: int | None = None,
     progress: Callable[[int, PublishStats], None] | None = None,
     now: float | None = None,
+    verity: bool = False,
 ) -> PublishResult:
-    """Publish ``image`` as version ``version`` (default: the highest + 1) of ``name``."""
+    """Publish ``image`` as version ``version`` (default: the highest + 1) of ``name``.
+
+    With ``verity``, a dm-verity hash tree of the image is stored too and its root hash
+    signed in the metadata (tools/verity.py)."""
     layout.check_name(name)
     index.check_block_size(block_size)
     if expires <= 0:
@@ -263,6 +267,11 @@ def publish(
     t0 = time.monotonic()
     try:
         with lock_mirror(mirror):
+            verity_meta = None
+            if verity:
+                from seedboot.tools import verity as verity_tool
+
+                verity_meta = verity_tool.build(image, mirror, name)
             return _publish_locked(
                 fd,
                 mirror,
@@ -279,6 +288,7 @@ def publish(
                 now,
                 stats,
                 t0,
+                verity=verity_meta,
             )
     finally:
         os.close(fd)
@@ -300,6 +310,7 @@ def _publish_locked(
     now: float | None,
     stats: PublishStats,
     t0: float,
+    verity: metadata.Verity | None = None,
 ) -> PublishResult:
     versions = existing_versions(mirror, name)
     latest = read_latest(mirror, name)
@@ -376,6 +387,7 @@ def _publish_locked(
         block_size=block_size,
         profile=profile_digest,
         mirrors=list(mirror_urls),
+        verity=verity,
     )
     meta_bytes = meta.to_json()
     meta_digest = hashlib.sha256(meta_bytes).hexdigest()

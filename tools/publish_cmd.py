@@ -51,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--level", type=int, default=blocks.DEFAULT_LEVEL, help="zstd level 1-22 (default %(default)s)"
     )
     p.add_argument("--threads", type=int, default=0, help="compression threads (default: one per core)")
+    p.add_argument(
+        "--verity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also publish a dm-verity hash tree, its root hash signed, so the booting kernel "
+        "checks every read (default: on; needs veritysetup from cryptsetup-bin)",
+    )
     p.set_defaults(func=run)
 
 
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             level=args.level,
             threads=args.threads or None,
             progress=progress,
+            verity=args.verity,
         )
     finally:
         if bar is not None:

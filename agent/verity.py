@@ -1,0 +1,130 @@
+"""dm-verity between the loop device and the root mount: the kernel checks every read.
+
+The agent already checks each block's digest when it fetches or loads it; dm-verity adds a
+check by the kernel on every read of the root device, including reads served from a cache
+partition that was altered while the machine was off, and including page-cache misses long
+after the boot. A mismatch is an I/O error (EIO) for that read, never bad data.
+
+The hash tree (``NAME/verity/<sha256>``, published by tools/verity.py) is fetched, checked
+against the digest in the signed metadata, and kept on the cache next to the release. All
+verity parameters come from the signed metadata (the tree has no superblock), so nothing
+unsigned steers the kernel. Setup uses ``dmsetup`` (the miniroot needs ``dmsetup`` and
+``libdevmapper.so.1``, and the ``dm-verity`` module with its dependencies ``dm-mod``,
+``dm-bufio`` and, on newer kernels, ``reed_solomon``):
+
+    dmsetup create seedroot --readonly --table \\
+        "0 <data_blocks*8> verity 1 <data dev> <hash dev> 4096 4096 <data_blocks> 0 sha256 <root> <salt>"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from seedboot.agent.atomic import write_atomic
+from seedboot.agent.errors import FormatError, SeedError
+from seedboot.agent.metadata import Verity
+from seedboot.agent.reader import Reader
+
+log = logging.getLogger(__name__)
+
+DM_NAME = "seedroot"
+TIMEOUT = 30.0
+
+
+def tree_path(name: str, digest: str) -> str:
+    """Where the hash tree lives in a mirror tree (and in the cache, laid out the same way)."""
+    return f"{name}/verity/{digest}"
+
+
+def veritysetup_args(v: Verity) -> list[str]:
+    """The parameters as ``veritysetup verify/open`` options (for tools and tests)."""
+    return [
+        "--no-superblock",
+        f"--hash={v.hash}",
+        f"--data-block-size={v.data_block_size}",
+        f"--hash-block-size={v.hash_block_size}",
+        f"--data-blocks={v.data_blocks}",
+        f"--salt={v.salt}",
+    ]
+
+
+def table(v: Verity, data_dev: str, hash_dev: str) -> str:
+    """The device-mapper table line (hash start block 0: the tree has no superblock)."""
+    sectors = v.data_blocks * v.data_block_size // 512
+    return (
+        f"0 {sectors} verity {v.hash_type} {data_dev} {hash_dev} {v.data_block_size} {v.hash_block_size} "
+        f"{v.data_blocks} 0 {v.hash} {v.root_hash} {v.salt or '-'}"
+    )
+
+
+def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path:
+    """The verified hash tree on the cache: the cached copy if it matches, else fetched."""
+    path = cache / tree_path(name, v.tree)
+    try:
+        data = path.read_bytes()
+        if len(data) == v.tree_size and hashlib.sha256(data).hexdigest() == v.tree:
+            return path
+        log.warning("cached dm-verity tree %s is damaged; fetching it again", path)
+    except FileNotFoundError:
+        pass
+    if reader is None:
+        raise SeedError(
+            f"the dm-verity tree of {name} is not in the cache and no mirror is reachable",
+            "boot once online first, so the cache gets the tree",
+        )
+    data = reader.get(tree_path(name, v.tree))
+    if len(data) != v.tree_size or hashlib.sha256(data).hexdigest() != v.tree:
+        raise FormatError(
+            f"dm-verity tree of {name} from {reader.location} does not match its signed digest",
+            "the mirror is corrupt or tampered with; try another mirror",
+        )
+    write_atomic(path, data)
+    return path
+
+
+def _run(*args: str) -> str:
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SeedError(f"{args[0]}: {e}", "does the miniroot carry dmsetup and losetup?") from e
+    if r.returncode != 0:
+        raise SeedError(f"{' '.join(args[:2])} failed: {r.stderr.strip() or r.returncode}")
+    return r.stdout
+
+
+def device_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def setup(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> str:
+    """Create the verity target over ``data_dev`` (the loop device); returns /dev/mapper/NAME.
+
+    ``hash_dev`` is a (read-only loop) block device holding the tree."""
+    need = v.data_blocks * v.data_block_size
+    have = device_size(data_dev)
+    if have < need:
+        raise SeedError(
+            f"{data_dev} has {have} bytes, the dm-verity tree covers {need}",
+            "the block device must present the image zero-padded to a multiple of 4096 bytes",
+        )
+    if shutil.which("modprobe"):
+        subprocess.run(["modprobe", "dm-verity"], capture_output=True, timeout=TIMEOUT)
+    _run("dmsetup", "create", name, "--readonly", "--noudevsync", "--table", table(v, data_dev, hash_dev))
+    _run("dmsetup", "mknodes", name)
+    dev = f"/dev/mapper/{name}"
+    log.info("dm-verity %s over %s (root hash %s)", dev, data_dev, v.root_hash[:16])
+    return dev
+
+
+def status(name: str = DM_NAME) -> str:
+    """``V`` while every block read so far verified, ``C`` once corruption was seen."""
+    return _run("dmsetup", "status", name).split()[-1]

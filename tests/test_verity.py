@@ -1,0 +1,143 @@
+"""dm-verity, publisher side: the tree published with an image verifies it with stock veritysetup.
+
+The host kernel has no device-mapper, so the kernel-side check (agent/verity.setup) is
+exercised in the QEMU boot tests; here ``veritysetup verify`` (user space, same tree format
+and parameters as the kernel's dm-verity target) checks what the publisher signed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from seedboot.agent import metadata, release, signature
+from seedboot.agent import verity as averity
+from seedboot.agent.errors import FormatError
+from seedboot.agent.reader import DirReader, HttpReader
+from seedboot.tools import keys, publish
+from seedboot.tools import verity as tverity
+from tests.helpers import Nginx, have, keypair, make_ext4, make_tree
+
+pytestmark = pytest.mark.skipif(not have("veritysetup"), reason="veritysetup (cryptsetup-bin) missing")
+SEEDBOOT = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "seedboot")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("verity")
+    make_tree(d / "src", big_mb=2)
+    make_ext4(d / "src", d / "root.ext4", size_mb=24)
+    keypair(d, "k")
+    return d
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_publish_verity_round_trip(work: Path, tmp_path: Path) -> None:
+    mirror = tmp_path / "m"
+    r = subprocess.run(
+        [SEEDBOOT, "publish", str(work / "root.ext4"), "--mirror", str(mirror), "--name", "demo",
+         "--key", str(work / "k.key")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # The agent's verified release carries the signed verity parameters.
+    rel = release.open_release(DirReader(mirror), "demo", [signature.load_public_key(work / "k.pub")])
+    v = rel.meta.verity
+    assert v is not None and v.data_size == (work / "root.ext4").stat().st_size
+    assert v.data_blocks * 4096 == v.data_size and v.hash == "sha256"
+    tree = mirror / averity.tree_path("demo", v.tree)
+    assert tree.stat().st_size == v.tree_size
+    # Stock veritysetup verifies the image against the signed root hash...
+    assert tverity.verify(work / "root.ext4", tree, v)
+    # ...and fails on a single flipped byte in the middle of the image.
+    bad = tmp_path / "bad.ext4"
+    bad.write_bytes((work / "root.ext4").read_bytes())
+    flip(bad, v.data_size // 2 + 123)
+    assert not tverity.verify(bad, tree, v)
+    # Or in the tree.
+    bad_tree = tmp_path / "bad.tree"
+    bad_tree.write_bytes(tree.read_bytes())
+    flip(bad_tree, 100)
+    assert not tverity.verify(work / "root.ext4", bad_tree, v)
+    # --no-verity publishes metadata without the field.
+    r = subprocess.run(
+        [SEEDBOOT, "publish", str(work / "root.ext4"), "--mirror", str(tmp_path / "m2"), "--name", "demo",
+         "--key", str(work / "k.key"), "--no-verity"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "verity" not in json.loads((tmp_path / "m2" / "demo" / "meta" / "1.json").read_text())
+
+
+def test_unaligned_image_is_hashed_zero_padded(tmp_path: Path) -> None:
+    image = tmp_path / "odd.img"
+    image.write_bytes(os.urandom(3 * 4096 + 1000))
+    v = tverity.build(image, tmp_path / "m", "odd")
+    assert (v.data_size, v.data_blocks) == (3 * 4096 + 1000, 4)
+    tree = tmp_path / "m" / averity.tree_path("odd", v.tree)
+    assert tverity.verify(image, tree, v)  # verify pads the same way
+    padded = tmp_path / "padded.img"
+    padded.write_bytes(image.read_bytes() + bytes(4096 - 1000))
+    assert tverity.verify(padded, tree, v)
+    padded.write_bytes(image.read_bytes() + b"\1" + bytes(4096 - 1001))
+    assert not tverity.verify(padded, tree, v)  # the padding is part of what is signed
+    assert not list((tmp_path / "m").glob(".verity-tmp-*"))
+
+
+def test_metadata_verity_field_is_validated(work: Path, tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(8192))
+    v = tverity.build(image, tmp_path / "m", "x")
+    meta = metadata.Metadata("x", 1, 0, 10, "a" * 64, 10, 8192, 65536, verity=v)
+    assert metadata.parse(meta.to_json()).verity == v
+    d = json.loads(meta.to_json())
+    for key, bad in (("hash", "md5"), ("data_blocks", 3), ("salt", "xyz"), ("root_hash", "00")):
+        broken = dict(d, verity=dict(d["verity"], **{key: bad}))
+        with pytest.raises(FormatError):
+            metadata.parse(json.dumps(broken).encode())
+    with pytest.raises(FormatError, match="covers"):
+        metadata.parse(json.dumps(dict(d, image_size=4096)).encode())
+    # Metadata without verity is byte-identical to the format before the field existed.
+    plain = metadata.Metadata("x", 1, 0, 10, "a" * 64, 10, 8192, 65536)
+    assert b"verity" not in plain.to_json()
+
+
+def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
+    mirror, cache = tmp_path / "m", tmp_path / "cache"
+    key = keys.load_secret_key(work / "k.key")
+    publish.publish(work / "root.ext4", mirror, "demo", key, verity=True)
+    srv: Nginx = nginx(mirror)
+    reader = HttpReader(srv.url)
+    rel = release.open_release(reader, "demo", [key.public_key])
+    v = rel.meta.verity
+    assert v is not None
+    path = averity.fetch_tree("demo", v, cache, reader)
+    assert path == cache / averity.tree_path("demo", v.tree)
+    assert tverity.verify(work / "root.ext4", path, v)
+    # Offline, the cached tree serves; a damaged cached tree is fetched again.
+    assert averity.fetch_tree("demo", v, cache, None) == path
+    flip(path, 10)
+    averity.fetch_tree("demo", v, cache, reader)
+    assert tverity.verify(work / "root.ext4", path, v)
+    # A tampered tree on the mirror is refused before the kernel ever sees it.
+    flip(mirror / averity.tree_path("demo", v.tree), 10)
+    path.unlink()
+    with pytest.raises(FormatError, match="does not match its signed digest"):
+        averity.fetch_tree("demo", v, cache, reader)
+    # The device-mapper table the guest uses, from signed values only.
+    t = averity.table(v, "/dev/loop0", "/dev/loop1")
+    assert t == (
+        f"0 {v.data_blocks * 8} verity 1 /dev/loop0 /dev/loop1 4096 4096 {v.data_blocks} 0 sha256 "
+        f"{v.root_hash} {v.salt}"
+    )
