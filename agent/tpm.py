@@ -296,3 +296,17 @@ def check_and_advance(tpm: Tpm, name: str, version: int, allow_older: bool = Fal
     except TpmError as e:
         log.warning("TPM rollback counter not used: %s", e)
         return f"TPM rollback counter not used ({e.message})"
+
+
+def trust_boot(
+    name: str, version: int, digest_hex: str, allow_older: bool = False, log_path: Path = DEFAULT_LOG
+) -> list[str]:
+    """What the trust stage calls once the release is verified: the TPM rollback counter
+    (raises ``RollbackRefused`` for a replayed older version), then the PCR 15 measurement.
+    Returns the console notes; without a TPM, one note that says so."""
+    t, why = detect()
+    if t is None:
+        return [measure_release(name, version, digest_hex, None, why, log_path).message]
+    notes = [check_and_advance(t, name, version, allow_older)]
+    notes.append(measure_release(name, version, digest_hex, t, why, log_path).message)
+    return notes

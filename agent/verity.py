@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from seedboot.agent.atomic import write_atomic
@@ -128,3 +129,38 @@ def setup(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> str:
 def status(name: str = DM_NAME) -> str:
     """``V`` while every block read so far verified, ``C`` once corruption was seen."""
     return _run("dmsetup", "status", name).split()[-1]
+
+
+def available() -> str:
+    """Empty if this system can set up dm-verity, else why not (for the console line)."""
+    if shutil.which("dmsetup") is None:
+        return "no dmsetup in the miniroot"
+    if not os.path.exists("/dev/mapper/control") and shutil.which("modprobe"):
+        subprocess.run(["modprobe", "dm-mod"], capture_output=True, timeout=TIMEOUT)
+    if not os.path.exists("/dev/mapper/control") and not os.path.exists("/sys/module/dm_mod"):
+        return "no device-mapper in this kernel"
+    return ""
+
+
+def protect(
+    name: str,
+    v: Verity | None,
+    data_dev: str,
+    cache: Path,
+    reader: Reader | None,
+    attach: Callable[[Path], str],
+) -> tuple[str, str]:
+    """What the root stage calls between the loop device and the mount: returns the device
+    to mount (the verity target, or ``data_dev`` when there is nothing to set up) and a note.
+
+    ``attach`` makes a read-only loop device of a file (the root stage's ``attach_loop``)."""
+    if v is None:
+        return data_dev, "no dm-verity tree published (agent block checks only)"
+    why = available()
+    if why:
+        log.warning("dm-verity not set up: %s", why)
+        return data_dev, f"dm-verity not set up: {why} (agent block checks only)"
+    tree = fetch_tree(name, v, cache, reader)
+    hash_dev = attach(tree)
+    dev = setup(v, data_dev, hash_dev)
+    return dev, f"dm-verity {dev} (root hash {v.root_hash[:16]}…)"

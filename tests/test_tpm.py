@@ -121,3 +121,30 @@ def test_fresh_counter_starts_non_zero(swtpm: tpm.Tpm) -> None:
     tpm.check_and_advance(swtpm, "img-b", 2)
     st = tpm.read_counter(swtpm, "img-b")
     assert st is not None and st.highest == 2 and st.counter > old.counter and st.base == st.counter - 2
+
+
+def test_trust_boot_counter_then_measure(
+    swtpm: tpm.Tpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trust stage's one call: the counter refuses a replay before anything is measured."""
+    monkeypatch.setenv("SEEDBOOT_TPM_TCTI", swtpm.tcti)
+    log_path = tmp_path / "measure.log"
+    digest = hashlib.sha256(b"meta v4").hexdigest()
+    before = tpm.pcr_read(swtpm)
+    notes = tpm.trust_boot("img-d", 4, digest, log_path=log_path)
+    assert "started for img-d at v4" in notes[0] and "into PCR 15" in notes[1]
+    assert tpm.pcr_read(swtpm) == hashlib.sha256(before + bytes.fromhex(digest)).digest()
+    after = tpm.pcr_read(swtpm)
+    with pytest.raises(RollbackRefused):
+        tpm.trust_boot("img-d", 2, hashlib.sha256(b"meta v2").hexdigest(), log_path=log_path)
+    assert tpm.pcr_read(swtpm) == after and len(log_path.read_text().splitlines()) == 1
+    notes = tpm.trust_boot(
+        "img-d", 2, hashlib.sha256(b"meta v2").hexdigest(), allow_older=True, log_path=log_path
+    )
+    assert "booting older v2 as requested" in notes[0]
+    monkeypatch.delenv("SEEDBOOT_TPM_TCTI")
+    monkeypatch.delenv("TPM2TOOLS_TCTI", raising=False)
+    if not Path(tpm.DEFAULT_DEVICE).exists():
+        assert tpm.trust_boot("img-d", 5, digest, log_path=log_path) == [
+            f"no TPM ({tpm.DEFAULT_DEVICE} absent): image not measured, continuing"
+        ]
