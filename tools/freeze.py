@@ -1,0 +1,417 @@
+"""Freeze the agent into a self-contained runtime directory (seedboot's own minimal freezer).
+
+Layout (initramfs/README.md): ``seedboot-agent`` (a small C launcher embedding CPython),
+``lib/`` (every shared library the launcher and the extension modules need, with the loader),
+``python/`` (sourceless optimize=2 .pyc and stripped extension modules: the agent, its
+third-party packages, and the stdlib modules they import, found with modulefinder).
+
+Why not PyInstaller: its bootloader unpacks/probes at start, and it imports more than the agent
+needs; under emulation each import and file probe costs ~10x, so a plain directory with only
+what is imported starts fastest. The build uses the interpreter this process runs on.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import modulefinder
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seedboot.agent.errors import SeedError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT_SRC = REPO / "agent"
+FILES = REPO / "initramfs" / "files"
+
+# Third-party packages frozen whole (their lazy imports would escape modulefinder).
+PACKAGES: tuple[str, ...] = (
+    "pyfuse3",
+    "trio",
+    "outcome",
+    "sniffio",
+    "sortedcontainers",
+    "attr",
+    "attrs",
+    "idna",
+    "pycurl",
+    "pyudev",
+    "psutil",
+    "netifaces",
+    "zstandard",
+    "cryptography",
+    "_cffi_backend",
+)
+# Files never needed at run time (type stubs, tests, the cffi backend of zstandard).
+SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test"})
+SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
+SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py|asyncio\.py)$")
+# Source edits at freeze time: module path -> (old, new). pyfuse3 asks importlib.metadata for its
+# version at import, which pulls in email, zipfile, csv... (~10% of the agent's start-up under emulation).
+PATCHES: dict[str, tuple[str, str]] = {
+    "pyfuse3/_pyfuse3.py": (
+        "from importlib.metadata import PackageNotFoundError, version as package_version\n",
+        "class PackageNotFoundError(Exception): pass\ndef package_version(name): return {version!r}\n",
+    ),
+}
+# Packages whose __init__ is an extension module: modulefinder cannot scan them (and loops on them);
+# the stdlib modules they import are in STDLIB_ALWAYS.
+NOT_SCANNED = ("pyfuse3",)
+# Stdlib trees the agent never uses, even if some module mentions them.
+STDLIB_EXCLUDES = (
+    "tkinter",
+    "idlelib",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "pydoc",
+    "pydoc_data",
+    "distutils",
+    "turtle",
+    "turtledemo",
+    "unittest",
+    "doctest",
+    "pdb",
+    "bdb",
+    "code",
+    "codeop",
+    "readline",
+    "rlcompleter",
+    "difflib",
+    "plistlib",
+    "_osx_support",
+    "_aix_support",
+    "setuptools",
+    "pip",
+    "curses",
+    "dbm",
+    "sqlite3",
+    "xmlrpc",
+    "multiprocessing",
+    "lzma",
+    "_lzma",
+    "bz2",
+    "_bz2",
+)
+# Loaded by the interpreter itself (not by import statements modulefinder sees).
+STDLIB_ALWAYS = (
+    "encodings",
+    "encodings.aliases",
+    "encodings.utf_8",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.idna",
+    "encodings.raw_unicode_escape",
+    "encodings.unicode_escape",
+    # imported by pyfuse3's extension module
+    "pickle",
+    "queue",
+    "threading",
+    "logging",
+    "typing",
+)
+
+
+@dataclass
+class Runtime:
+    root: Path
+    modules: list[str] = field(default_factory=list)
+    libraries: list[str] = field(default_factory=list)
+
+    @property
+    def launcher(self) -> Path:
+        return self.root / "seedboot-agent"
+
+
+def run(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise SeedError(f"{cmd[0]} not found", hint="run scripts/setup (gcc, binutils, python3-dev)") from e
+    except subprocess.CalledProcessError as e:
+        tail = (e.stderr or e.stdout or "").strip().splitlines()[-5:]
+        raise SeedError(f"{' '.join(cmd[:3])} ... failed: {' / '.join(tail)}") from e
+    return str(p.stdout)
+
+
+def compile_launcher(out: Path) -> None:
+    include = sysconfig.get_path("include")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED") and not Path(libdir, "libpython3.11.so").exists():
+        raise SeedError("this Python has no shared libpython", hint="install python3-dev (libpython3.11)")
+    log.info("launcher: gcc against %s/%s", libdir, ldlib)
+    run(
+        [
+            "gcc",
+            "-O2",
+            "-s",
+            "-o",
+            str(out),
+            str(FILES / "launcher.c"),
+            f"-I{include}",
+            f"-L{libdir}",
+            f"-lpython{sysconfig.get_python_version()}",
+            # DT_RPATH (not RUNPATH): it also applies to libraries that dlopen'ed extension modules need.
+            "-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib",
+        ]
+    )
+
+
+def compile_py(
+    src: Path, dest: Path, name: str, extra: str = "", patch: tuple[str, str] | None = None
+) -> None:
+    """SRC as a sourceless .pyc at DEST (tracebacks name the module, not a build path)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if extra or patch:
+        text = src.read_text() + "\n" + extra
+        if patch:
+            old, new = patch
+            if old not in text:
+                raise SeedError(f"{name} changed: cannot apply the freezer's patch", hint="update PATCHES")
+            dist = name.split("/")[0]
+            text = text.replace(old, new.format(version=importlib.metadata.version(dist)))
+        tmp = dest.with_suffix(".src.py")
+        tmp.write_text(text)
+        src = tmp
+    py_compile.compile(
+        str(src), cfile=str(dest), dfile=name, doraise=True, optimize=2,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )  # fmt: skip
+    if extra or patch:
+        src.unlink()
+
+
+def package_files(pkg_dir: Path) -> Iterator[Path]:
+    for p in sorted(pkg_dir.rglob("*")):
+        rel = p.relative_to(pkg_dir)
+        if not p.is_file() or SKIP_PARTS.intersection(rel.parts[:-1]):
+            continue
+        if p.name.endswith(SKIP_SUFFIXES) or SKIP_NAMES.match(p.name):
+            continue
+        yield p
+
+
+def add_tree(src_root: Path, files: Iterable[Path], dest_root: Path, prefix: str) -> list[Path]:
+    """Copy FILES (under SRC_ROOT) into DEST_ROOT/PREFIX, .py compiled; returns the .py sources."""
+    sources = []
+    for f in files:
+        rel = f.relative_to(src_root)
+        dest = dest_root / prefix / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".py":
+            name = f"{prefix}/{rel}".lstrip("/")
+            compile_py(f, dest.with_suffix(".pyc"), name, patch=PATCHES.get(name))
+            sources.append(f)
+        elif f.suffix == ".so":
+            shutil.copy2(f, dest)
+        # Data files (certificates, ...) are copied too: packages open them relative to __file__.
+        else:
+            shutil.copy2(f, dest)
+    return sources
+
+
+def third_party(py: Path) -> list[str]:
+    """Copy the PACKAGES into PY; returns their module names."""
+    names: list[str] = []
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise SeedError(f"python package {name} is not installed", hint="run scripts/setup")
+        origin = Path(spec.origin)
+        if spec.submodule_search_locations:
+            pkg = origin.parent
+            names += module_names(pkg.parent, add_tree(pkg.parent, package_files(pkg), py, ""), "")
+        else:
+            names += module_names(origin.parent, add_tree(origin.parent, [origin], py, ""), "")
+    return names
+
+
+def agent(py: Path, agent_src: Path) -> tuple[list[str], list[Path]]:
+    """Copy the agent into PY; returns its module names and the scripts modulefinder must scan."""
+    py.joinpath("seedboot").mkdir(parents=True, exist_ok=True)
+    init = py / "seedboot" / "__init__.pyc"
+    empty = py / "seedboot" / "__init__.py"
+    empty.write_text('"""seedboot (frozen): only the agent is here."""\n')
+    compile_py(empty, init, "seedboot/__init__.py")
+    empty.unlink()
+    files = [f for f in package_files(agent_src) if f.suffix == ".py"]
+    names = module_names(agent_src, add_tree(agent_src, files, py, "seedboot/agent"), "seedboot.agent")
+    scripts = []
+    if not (agent_src / "main.py").exists():
+        log.warning("agent/main.py does not exist yet: freezing the placeholder entry point")
+        placeholder = FILES / "placeholder_main.py"
+        compile_py(placeholder, py / "seedboot" / "agent" / "main.pyc", "seedboot/agent/main.py")
+        scripts.append(placeholder)
+    return names, scripts
+
+
+def module_names(root: Path, files: Iterable[Path], prefix: str) -> list[str]:
+    names = []
+    for f in files:
+        parts = [*prefix.split(".")] if prefix else []
+        parts += f.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts.pop()
+        names.append(".".join(parts))
+    return names
+
+
+def stdlib_modules(
+    names: list[str], scripts: list[Path], agent_src: Path, work: Path
+) -> dict[str, str | None]:
+    """Stdlib module name -> file (None for built-ins) that NAMES and SCRIPTS import, transitively."""
+    stdlib = sysconfig.get_path("stdlib")
+    dynload = os.path.join(stdlib, "lib-dynload")
+    # seedboot.agent is mapped by the editable install; modulefinder needs a plain tree.
+    shim = work / "seedboot"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "__init__.py").write_text("")
+    link = shim / "agent"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(agent_src.resolve())
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    # modulefinder recurses once per nested import; cryptography's chains exceed the default limit.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    mf = modulefinder.ModuleFinder(
+        path=[str(work), *site, stdlib, dynload], excludes=[*STDLIB_EXCLUDES, *NOT_SCANNED]
+    )
+    for name in [*names, *STDLIB_ALWAYS]:
+        if name.split(".")[0] in NOT_SCANNED:
+            continue
+        try:
+            mf.import_hook(name)
+        except ImportError as e:
+            log.debug("modulefinder: %s: %s", name, e)
+    for s in scripts:
+        mf.run_script(str(s))
+    found: dict[str, str | None] = {}
+    for name, mod in mf.modules.items():
+        file: str | None = getattr(mod, "__file__", None)
+        if name != "__main__" and (file is None or file.startswith(stdlib + os.sep)):
+            found[name] = file
+    return found
+
+
+def add_stdlib(py: Path, modules: dict[str, str | None]) -> None:
+    stdlib = Path(sysconfig.get_path("stdlib"))
+    tail = (FILES / "ctypes_util_tail.py").read_text()
+    for name, file in sorted(modules.items()):
+        if file is None:
+            continue
+        src = Path(file)
+        if src.suffix == ".so":
+            shutil.copy2(src, py / src.name)
+            continue
+        rel = src.relative_to(stdlib)
+        compile_py(src, (py / rel).with_suffix(".pyc"), str(rel), extra=tail if name == "ctypes.util" else "")
+
+
+def elf_files(root: Path) -> list[Path]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            with p.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    out.append(p)
+    return out
+
+
+LDD_LINE = re.compile(r"^\s*(\S+)\s+=>\s+(/\S+)\s+\(0x[0-9a-f]+\)$|^\s*(/\S+)\s+\(0x[0-9a-f]+\)$")
+
+
+def shared_libraries(elves: list[Path], extra: Iterable[str]) -> dict[str, Path]:
+    """soname -> host path for every library ELVES need (plus EXTRA sonames), the loader included."""
+    libs: dict[str, Path] = {}
+    for name in extra:
+        path = find_host_library(name)
+        libs[name] = path
+        elves = [*elves, path]
+    for e in elves:
+        out = subprocess.run(["ldd", str(e)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if "not found" in line:
+                soname = line.split()[0]
+                if soname.startswith("libpython"):
+                    continue
+                raise SeedError(f"{e.name} needs {soname}, which is not installed", hint="run scripts/setup")
+            m = LDD_LINE.match(line)
+            if not m:
+                continue
+            if m.group(3):
+                libs[Path(m.group(3)).name] = Path(m.group(3))
+            elif not m.group(1).startswith("libpython"):
+                libs[m.group(1)] = Path(m.group(2))
+    return libs
+
+
+def find_host_library(soname: str) -> Path:
+    out = run(["ldconfig", "-p"])
+    for line in out.splitlines():
+        parts = line.strip().split(" => ")
+        if len(parts) == 2 and parts[0].split()[0] == soname and "x86-64" in parts[0]:
+            return Path(parts[1])
+    raise SeedError(f"library {soname} is not installed", hint="run scripts/setup")
+
+
+def strip(files: Iterable[Path]) -> None:
+    paths = [str(f) for f in files]
+    if paths:
+        # Debug info is most of libpython, cryptography's and zstandard's size.
+        run(["strip", "--strip-unneeded", *paths])
+
+
+def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
+    """Build the runtime into OUT (emptied first)."""
+    if out.exists():
+        shutil.rmtree(out)
+    py = out / "python"
+    lib = out / "lib"
+    py.mkdir(parents=True)
+    lib.mkdir()
+    rt = Runtime(out)
+    compile_launcher(rt.launcher)
+    names, scripts = agent(py, agent_src)
+    names += third_party(py)
+    std = stdlib_modules(names, scripts, agent_src, out.parent / f".{out.name}-mf")
+    shutil.rmtree(out.parent / f".{out.name}-mf")
+    add_stdlib(py, std)
+    rt.modules = sorted(std)
+    log.info("frozen %d agent/third-party modules, %d stdlib modules", len(names), len(std))
+
+    libpython = Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME") or "")
+    if not libpython.is_file():
+        raise SeedError(f"{libpython} not found", hint="install python3-dev (libpython3.11)")
+    shutil.copy2(libpython, lib / libpython.name)
+    elves = elf_files(out)
+    # libudev is opened by pyudev through ctypes, so no ELF names it.
+    libs = shared_libraries(elves, extra=["libudev.so.1"])
+    for soname, path in sorted(libs.items()):
+        shutil.copy2(path, lib / soname)
+    rt.libraries = sorted([libpython.name, *libs])
+    strip(f for f in elf_files(out) if f.name != "seedboot-agent" and not f.name.startswith("ld-linux"))
+    return rt
+
+
+def size_of(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    r = freeze(Path(sys.argv[1]))
+    print(
+        f"{r.root}: {size_of(r.root) / 1e6:.1f} MB, {len(r.modules)} stdlib modules, {len(r.libraries)} libs"
+    )

@@ -1,0 +1,264 @@
+"""Build the seedboot initramfs: busybox, kernel modules, keys, hooks and the frozen agent.
+
+The layout is the contract in initramfs/README.md. The archive is a newc cpio compressed with
+zstd (the Debian kernel decompresses it), written by tools/cpio.py so it needs no root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+from seedboot.agent.errors import SeedError
+from seedboot.agent.signature import load_public_key
+from seedboot.tools import cpio, freeze
+from seedboot.tools.kernel import Kernel, load
+
+log = logging.getLogger(__name__)
+
+REPO = freeze.REPO
+HOOKS_SRC = REPO / "hooks"
+INITRAMFS_SRC = REPO / "initramfs"
+MODULES_LIST = INITRAMFS_SRC / "modules.txt"
+RUNTIME = "opt/seedboot"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# Files depmod needs besides the modules to rebuild modules.dep/alias for the pruned tree.
+MODULE_META = ("modules.builtin", "modules.builtin.modinfo", "modules.order")
+
+
+@dataclass
+class Result:
+    path: Path
+    size: int
+    uncompressed: int
+    kernel_version: str
+    modules: list[str] = field(default_factory=list)
+    runtime_size: int = 0
+    seconds: float = 0.0
+
+
+def norm(name: str) -> str:
+    return name.strip().replace("-", "_").removesuffix(".ko")
+
+
+def read_list(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def module_index(k: Kernel) -> tuple[dict[str, str], dict[str, list[str]], set[str]]:
+    """From modules.dep/builtin: name -> relative path, relative path -> its dependencies, built-ins."""
+    paths: dict[str, str] = {}
+    deps: dict[str, list[str]] = {}
+    for line in (k.modules / "modules.dep").read_text().splitlines():
+        if ":" not in line:
+            continue
+        mod, rest = line.split(":", 1)
+        paths[norm(Path(mod).name)] = mod
+        deps[mod] = rest.split()
+    builtin = set()
+    bfile = k.modules / "modules.builtin"
+    if bfile.exists():
+        builtin = {norm(Path(x).name) for x in bfile.read_text().split()}
+    return paths, deps, builtin
+
+
+def resolve_modules(k: Kernel, wanted: Iterable[str]) -> list[str]:
+    """Relative paths of WANTED modules and everything they depend on; built-ins are skipped."""
+    paths, deps, builtin = module_index(k)
+    chosen: dict[str, None] = {}
+    unknown = []
+
+    def add(rel: str) -> None:
+        if rel in chosen:
+            return
+        chosen[rel] = None
+        for d in deps.get(rel, []):
+            add(d)
+
+    for name in wanted:
+        n = norm(name)
+        if n in paths:
+            add(paths[n])
+        elif n in builtin:
+            log.info("module %s is built into %s", name, k.version)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise SeedError(
+            f"kernel {k.version} has no module {', '.join(unknown)}",
+            hint=f"fix {MODULES_LIST.name} or --extra-module (names as in modules.dep)",
+        )
+    return sorted(chosen)
+
+
+def stage_modules(k: Kernel, rels: list[str], root: Path) -> None:
+    """Copy the chosen modules into ROOT/lib/modules/VERSION and depmod them there."""
+    dest = root / "lib" / "modules" / k.version
+    if root.exists():
+        shutil.rmtree(root)
+    dest.mkdir(parents=True)
+    for rel in rels:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(k.modules / rel, dest / rel)
+    for meta in MODULE_META:
+        if (k.modules / meta).exists():
+            shutil.copy2(k.modules / meta, dest / meta)
+    freeze.run(["depmod", "-b", str(root), k.version])
+    # depmod's binary indexes duplicate the text files busybox modprobe reads.
+    for p in dest.glob("*.bin"):
+        p.unlink()
+
+
+def busybox_entries() -> Iterator[cpio.Entry]:
+    path = shutil.which("busybox")
+    if path is None:
+        raise SeedError("busybox not found", hint="apt-get install busybox-static")
+    data = Path(path).read_bytes()
+    if b"/lib64/ld-linux" in data[:4096]:
+        raise SeedError(f"{path} is not static", hint="apt-get install busybox-static")
+    yield cpio.file("bin/busybox", data, 0o755)
+    applets = subprocess.run([path, "--list-full"], capture_output=True, text=True, check=True).stdout
+    for applet in applets.split():
+        # One flat layout: every applet in /bin or /sbin, nothing under /usr.
+        top = "sbin" if "sbin/" in applet else "bin"
+        name = Path(applet).name
+        if name != "busybox":
+            yield cpio.symlink(f"{top}/{name}", "/bin/busybox")
+
+
+def key_entries(pubkeys: list[Path]) -> Iterator[cpio.Entry]:
+    if not pubkeys:
+        raise SeedError("no --pubkey given", hint="the agent trusts only the keys built into the initramfs")
+    seen: dict[str, Path] = {}
+    for p in pubkeys:
+        load_public_key(p)  # a clear error now rather than at boot
+        if p.name in seen:
+            raise SeedError(f"two keys named {p.name}: {seen[p.name]} and {p}", hint="rename one")
+        seen[p.name] = p
+        yield cpio.file(f"etc/seedboot/keys/{p.name}", p.read_bytes())
+
+
+def hook_entries(hooks: Path) -> Iterator[cpio.Entry]:
+    yield cpio.directory("etc/seedboot/hooks")
+    if not hooks.is_dir():
+        return
+    for d in sorted(hooks.glob("*.d")):
+        if d.is_dir():
+            yield from cpio.tree(d, f"etc/seedboot/hooks/{d.name}")
+
+
+def source_hash(paths: Iterable[Path]) -> str:
+    """SHA-256 over the names and contents of every file under PATHS (caches and initrd-release)."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            if "__pycache__" in p.parts:
+                continue
+            h.update(str(p.relative_to(root.parent)).encode() + b"\0")
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def release(k: Kernel, build: str) -> bytes:
+    try:
+        version = importlib.metadata.version("seedboot")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    return (
+        'NAME="seedboot"\nID=seedboot\n'
+        f'VERSION_ID="{version}"\nPRETTY_NAME="seedboot initramfs {version}"\n'
+        f"SEEDBOOT_KERNEL={k.version}\nSEEDBOOT_BUILD={build[:16]}\n"
+    ).encode()
+
+
+def base_entries() -> Iterator[cpio.Entry]:
+    for d in ("dev", "proc", "sys", "run", "tmp", "etc", "lib", "root", "mnt", "newroot", "knxblock"):
+        yield cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
+    yield cpio.symlink("usr/bin", "../bin")
+    yield cpio.symlink("usr/sbin", "../sbin")
+    yield cpio.symlink("lib64", "lib")
+    # The kernel opens /dev/console for init's stdio before anything could mount devtmpfs.
+    yield cpio.chardev("dev/console", 5, 1)
+    yield cpio.chardev("dev/null", 1, 3, 0o666)
+    yield cpio.file("init", (INITRAMFS_SRC / "files" / "init.sh").read_bytes(), 0o755)
+
+
+def build(
+    kernel_dir: Path,
+    pubkeys: list[Path],
+    out: Path,
+    *,
+    hooks: Path = HOOKS_SRC,
+    agent_src: Path = freeze.AGENT_SRC,
+    extra_modules: Iterable[str] = (),
+    level: int = 19,
+) -> Result:
+    t0 = time.monotonic()
+    k = load(kernel_dir)
+    keys = list(key_entries(pubkeys))
+    work = out.parent / f".{out.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+
+    wanted = [*read_list(MODULES_LIST), *extra_modules]
+    rels = resolve_modules(k, wanted)
+    log.info("%d modules (%d asked for) from %s", len(rels), len(wanted), k.version)
+    stage_modules(k, rels, work / "modules")
+
+    print("freezing the agent ...", flush=True)
+    rt = freeze.freeze(work / "runtime", agent_src)
+    runtime_size = freeze.size_of(rt.root)
+    loader = rt.root / "lib" / "ld-linux-x86-64.so.2"
+
+    build_id = source_hash([agent_src, hooks, INITRAMFS_SRC, *pubkeys])
+    entries: list[cpio.Entry] = [
+        *base_entries(),
+        *busybox_entries(),
+        *cpio.tree(work / "modules" / "lib" / "modules", "lib/modules"),
+        # The runtime's ELF files name this loader; it is the same file as the runtime's copy.
+        cpio.file("lib/ld-linux-x86-64.so.2", loader.read_bytes(), 0o755),
+        cpio.directory("opt"),
+        *cpio.tree(rt.root, RUNTIME),
+        cpio.directory("etc/seedboot"),
+        cpio.directory("etc/seedboot/keys"),
+        *keys,
+        *hook_entries(hooks),
+        cpio.file("etc/initrd-release", release(k, build_id)),
+    ]
+    if CA_BUNDLE.is_file():
+        entries += [cpio.directory("etc/ssl"), cpio.directory("etc/ssl/certs")]
+        entries.append(cpio.file("etc/ssl/certs/ca-certificates.crt", CA_BUNDLE.read_bytes()))
+    raw = io.BytesIO()
+    uncompressed = cpio.write(raw, entries)
+    print(f"compressing {uncompressed / 1e6:.1f} MB with zstd -{level} ...", flush=True)
+    # The kernel's zstd decoder takes a plain single-frame stream with a content checksum.
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+    data = cctx.compress(raw.getvalue())
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    shutil.rmtree(work)
+    return Result(
+        path=out,
+        size=len(data),
+        uncompressed=uncompressed,
+        kernel_version=k.version,
+        modules=[Path(r).name for r in rels],
+        runtime_size=runtime_size,
+        seconds=time.monotonic() - t0,
+    )
