@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.publish_cmd",
     "seedboot.tools.kernel_cmd",
     "seedboot.tools.proxy_cmd",
+    "seedboot.tools.mkinitramfs_cmd",
 )
 
 log = logging.getLogger("seedboot")
