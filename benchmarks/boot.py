@@ -1,0 +1,430 @@
+"""Boot time of the workload from local disk, from seedboot and from its peers: the paper's
+Table 3 and Figures 8-9, reproduced on this machine in one run (issue 7).
+
+    .venv/bin/python -m benchmarks.boot [--runs 3] [--only a,d,e3] [--smoke]
+
+Builds or reuses the workload under build/bench/ (Debian 12 minbase, 1 GiB ext4; see
+``workload``), then boots every configuration in QEMU (software emulation, -smp 1, -m 1024,
+the same for all), QEMU start to the marker, ``--runs`` times each, round-robin so that noise
+from other load spreads over all configurations. Prints the table (median [min-max], ratio to
+the local-disk baseline (a), the paper's figure and our goal beside it, bytes over the wire),
+writes ``results.json`` and, with matplotlib (``pip install -e '.[bench]'``), the PNG plots.
+
+Configurations:
+  (a)  local virtio disk, plain busybox initramfs (the baseline, like the paper's DVD)
+  (b)  seedboot at 0 ms, (c) at 100 ms without profile, (d) at 100 ms with a recorded profile
+  (e*) QEMU's curl block driver (default and 4 MiB readahead) and nbdkit curl + readahead +
+       cache filters over NBD, at 0 and 100 ms
+  (f)  seedboot's second boot from its cache, no network
+Latency comes from ``seedboot.tools.latency_proxy`` between the HTTP client and nginx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks import peers, seedboot_runs, vm, workload
+from seedboot.tools.latency_proxy import LatencyProxy
+from tests.helpers import Nginx
+
+log = logging.getLogger("benchmarks.boot")
+
+MIB = 1024 * 1024
+SEEDBOOT_NIC = ["-nic", "user,model=virtio-net-pci"]
+# Table 3 of the paper (KNOPPIX, NetBSD and Plan9 on Xen; 100 ms from dummynet), % of the DVD.
+PAPER = {
+    "a": "100% (DVD)",
+    "b": "94-108%",
+    "c": "235-268%",
+    "d": "143-157% (DLAHEAD)",
+}
+# Issue 7's goals, as the largest ratio to (a).
+GOALS = {"b": 1.2, "c": 1.6, "d": 1.25}
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    kind: str  # local | qemu-curl | nbdkit | seedboot
+    rtt: float | None  # None: no network at all
+    readahead: int | None = None
+    cache_on_read: bool = True
+    mode: str = ""  # seedboot: profile | noprofile | offline
+
+
+def configs(rtt: float) -> list[Config]:
+    ms = f"{rtt * 1000:.0f} ms"
+    return [
+        Config("a", "local disk, busybox initramfs", "local", None),
+        Config("b", "seedboot, profile", "seedboot", 0.0, mode="profile"),
+        Config("c", "seedboot, no profile", "seedboot", rtt, mode="noprofile"),
+        Config("d", "seedboot, profile", "seedboot", rtt, mode="profile"),
+        Config("f", "seedboot, 2nd boot from cache, no network", "seedboot", None, mode="offline"),
+        Config("e1", "QEMU curl, default readahead", "qemu-curl", 0.0),
+        Config("e2", "QEMU curl, readahead 4M", "qemu-curl", 0.0, readahead=4 * MIB),
+        Config("e3", "nbdkit curl+readahead+cache", "nbdkit", 0.0),
+        Config("e4", f"QEMU curl, default readahead, {ms}", "qemu-curl", rtt),
+        Config("e5", f"QEMU curl, readahead 4M, {ms}", "qemu-curl", rtt, readahead=4 * MIB),
+        Config("e6", f"nbdkit curl+readahead+cache, {ms}", "nbdkit", rtt),
+        Config("e7", f"nbdkit, no cache-on-read, {ms}", "nbdkit", rtt, cache_on_read=False),
+    ]
+
+
+SMOKE_KEYS = ("a", "e4")
+
+
+@dataclass
+class Run:
+    seconds: float | None
+    wire_bytes: int = 0
+    read_bytes: int = 0
+    read_ops: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+    trace: list[tuple[float, int, int]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Row:
+    config: Config
+    runs: list[Run] = field(default_factory=list)
+    skipped: str = ""
+
+    def times(self) -> list[float]:
+        return [r.seconds for r in self.runs if r.seconds is not None]
+
+    def median(self) -> float | None:
+        t = self.times()
+        return statistics.median(t) if t else None
+
+    def median_run(self) -> Run | None:
+        ok = sorted((r for r in self.runs if r.seconds is not None), key=lambda r: r.seconds or 0)
+        return ok[len(ok) // 2] if ok else None
+
+
+class Bench:
+    """Everything the runs share: workload, nginx, and seedboot's setup once it is built."""
+
+    def __init__(self, work: workload.Workload, out: Path, timeout: float) -> None:
+        self.work = work
+        self.out = out
+        self.timeout = timeout
+        self.www = workload.BUILD / "www"
+        self.seed: seedboot_runs.Setup | None = None
+        self.filled_cache: Path | None = None
+        self.nginx: Nginx | None = None
+
+    @contextmanager
+    def serving(self) -> Iterator[Nginx]:
+        self.www.mkdir(parents=True, exist_ok=True)
+        link = self.www / "disk.img"
+        link.unlink(missing_ok=True)
+        link.symlink_to(self.work.image)
+        self.nginx = Nginx(root=self.www, workdir=self.out / "nginx").start()
+        try:
+            yield self.nginx
+        finally:
+            self.nginx.stop()
+
+    def boot(
+        self, cfg: Config, i: int, initrd: Path, append: str, extra: list[str], wait_poweroff: float = 0.0
+    ) -> vm.Boot:
+        return vm.boot(
+            self.work.kernel.vmlinuz,
+            initrd,
+            append,
+            extra,
+            workload.MARKER,
+            self.out / "logs" / f"{cfg.key}-{i}.log",
+            timeout=self.timeout,
+            wait_poweroff=wait_poweroff,
+        )
+
+    def run(self, cfg: Config, i: int) -> Run:
+        assert self.nginx is not None
+        if cfg.kind == "local":
+            drive = ["-drive", f"file={self.work.image},format=raw,if=virtio,snapshot=on", "-nic", "none"]
+            return self._result(self.boot(cfg, i, self.work.initrd, "", drive), None)
+        if cfg.kind == "seedboot" and cfg.mode == "offline":
+            return self._seedboot_offline(cfg, i)
+        with LatencyProxy(upstream=("127.0.0.1", self.nginx.port), rtt=cfg.rtt or 0.0, trace=True) as proxy:
+            if cfg.kind == "qemu-curl":
+                drive = peers.qemu_curl_drive(f"{proxy.url}/disk.img", cfg.readahead)
+                proxy.reset_counters()
+                return self._result(self.boot(cfg, i, self.work.initrd, "", drive), proxy)
+            if cfg.kind == "nbdkit":
+                url = f"{proxy.url}/disk.img"
+                with peers.nbdkit_curl(url, self.out / "nbdkit", cfg.cache_on_read) as drive:
+                    proxy.reset_counters()
+                    return self._result(self.boot(cfg, i, self.work.initrd, "", drive), proxy)
+            return self._seedboot_online(cfg, i, proxy)
+
+    def _seedboot_online(self, cfg: Config, i: int, proxy: LatencyProxy) -> Run:
+        assert self.seed is not None
+        cache = seedboot_runs.cache_disk(self.out / "cache" / f"{cfg.key}.img")
+        flags = ["seed.prefetch=off"] if cfg.mode == "noprofile" else ["seed.prefetch=profile"]
+        append = self.seed.append(f"http://10.0.2.2:{proxy.port}/mirror", *flags)
+        extra = SEEDBOOT_NIC + seedboot_runs.cache_drive(cache)
+        keep = cfg.key == "d"
+        proxy.reset_counters()
+        b = self.boot(cfg, i, self.seed.initrd, append, extra, wait_poweroff=120.0 if keep else 0.0)
+        run = self._result(b, proxy)
+        if keep and b.ok:
+            # (f) boots from what (d) left on its cache disk.
+            self.filled_cache = cache.with_name("filled.img")
+            cache.replace(self.filled_cache)
+        return run
+
+    def _seedboot_offline(self, cfg: Config, i: int) -> Run:
+        assert self.seed is not None
+        if self.filled_cache is None:
+            return Run(None, error="no cache disk left by a (d) boot")
+        cache = seedboot_runs.cache_disk(self.out / "cache" / "f.img", copy_of=self.filled_cache)
+        append = self.seed.append("http://10.0.2.2:9", "seed.offline")
+        b = self.boot(cfg, i, self.seed.initrd, append, ["-nic", "none", *seedboot_runs.cache_drive(cache)])
+        return self._result(b, None)
+
+    def record_profile(self) -> None:
+        """One untimed boot at 0 ms recording its block trace; publish it as the boot profile."""
+        assert self.seed is not None and self.nginx is not None
+        profiled = self.seed.workdir / "profiled"
+        if (
+            profiled.exists()
+            and profiled.stat().st_mtime >= (self.seed.workdir / "published").stat().st_mtime
+        ):
+            self.seed.has_profile = True
+            return
+        log.info("recording a boot profile (one boot at 0 ms with seed.record)")
+        rec = Config("rec", "profile recording", "seedboot", 0.0, mode="noprofile")
+        cache = seedboot_runs.cache_disk(self.out / "cache" / "record.img")
+        with LatencyProxy(upstream=("127.0.0.1", self.nginx.port)) as proxy:
+            append = self.seed.append(
+                f"http://10.0.2.2:{proxy.port}/mirror", "seed.prefetch=off", "seed.record"
+            )
+            b = self.boot(
+                rec,
+                0,
+                self.seed.initrd,
+                append,
+                SEEDBOOT_NIC + seedboot_runs.cache_drive(cache),
+                wait_poweroff=180.0,
+            )
+        if not b.ok:
+            raise RuntimeError(f"the profile recording boot failed: {b.error}")
+        traces = seedboot_runs.extract_traces(cache, self.out / "traces")
+        if not traces:
+            raise RuntimeError(f"the recording boot left no trace on {cache}")
+        seedboot_runs.publish_profile(self.seed, traces, self.work.image)
+        profiled.write_text("1\n")
+
+    def _result(self, b: vm.Boot, proxy: LatencyProxy | None) -> Run:
+        return Run(
+            seconds=b.seconds,
+            wire_bytes=proxy.bytes_down if proxy else 0,
+            read_bytes=b.read_bytes,
+            read_ops=b.read_ops,
+            stages=seedboot_runs.stages(b.lines, b.seconds),
+            trace=proxy.trace if proxy else [],
+            error=b.error,
+        )
+
+
+def fmt_time(row: Row) -> str:
+    t = row.times()
+    if not t:
+        return "failed" if row.runs else "-"
+    s = f"{statistics.median(t):6.1f} [{min(t):.1f}-{max(t):.1f}]"
+    if len(t) < len(row.runs):
+        s += f" ({len(t)}/{len(row.runs)} ok)"
+    return s
+
+
+def table(rows: list[Row], rtt: float, runs: int) -> str:
+    base = next((r.median() for r in rows if r.config.key == "a"), None)
+    out = [
+        f"Boot time, QEMU start to the marker (TCG, -smp 1, -m {vm.MEMORY_MB}), seconds: median [min-max] "
+        f"of {runs}; latency {rtt * 1000:.0f} ms RTT from the user-space proxy",
+        "",
+        f"{'':4} {'configuration':42} {'RTT':>6}  {'time s':<22} {'vs (a)':>7}  {'paper':<19} "
+        f"{'goal':>6}  {'wire MB':>8}",
+    ]
+    for row in rows:
+        cfg = row.config
+        rtt_s = "-" if cfg.rtt is None else f"{cfg.rtt * 1000:.0f}ms"
+        if row.skipped:
+            out.append(f"({cfg.key + ')':3} {cfg.label:42} {rtt_s:>6}  skipped: {row.skipped}")
+            continue
+        med = row.median()
+        ratio = f"{med / base * 100:5.0f}%" if med and base else "-"
+        goal = f"<={GOALS[cfg.key] * 100:.0f}%" if cfg.key in GOALS else ""
+        mr = row.median_run()
+        wire = f"{mr.wire_bytes / 1e6:8.1f}" if mr and cfg.rtt is not None else "-"
+        out.append(
+            f"({cfg.key + ')':3} {cfg.label:42} {rtt_s:>6}  {fmt_time(row):<22} {ratio:>7}  "
+            f"{PAPER.get(cfg.key, ''):<19} {goal:>6}  {wire:>8}"
+        )
+    a = next((r.median_run() for r in rows if r.config.key == "a"), None)
+    if a is not None:
+        out.append(
+            f"\nThe guest reads {a.read_bytes / 1e6:.1f} MB in {a.read_ops} reads from its disk in (a)."
+        )
+    out += goal_lines(rows)
+    out += stage_lines(rows)
+    return "\n".join(out)
+
+
+def goal_lines(rows: list[Row]) -> list[str]:
+    med = {r.config.key: r.median() for r in rows}
+    lines = []
+
+    def check(name: str, value: float | None, limit: float) -> None:
+        if value is not None:
+            lines.append(
+                f"  {name:44} {value:6.2f}  (goal <= {limit}: {'met' if value <= limit else 'NOT met'})"
+            )
+
+    def ratio(x: str, y: str) -> float | None:
+        a, b = med.get(x), med.get(y)
+        return a / b if a and b else None
+
+    check("streaming penalty (d)/(b)", ratio("d", "b"), 1.05)
+    check("end to end at 100 ms, profile (d)/(a)", ratio("d", "a"), 1.25)
+    check("100 ms without profile (c)/(a)", ratio("c", "a"), 1.6)
+    check("0 ms (b)/(a)", ratio("b", "a"), 1.2)
+    peers_100 = [med[k] for k in ("e4", "e5", "e6", "e7") if med.get(k)]
+    if med.get("d") and peers_100:
+        check("(d) / best peer at 100 ms", (med["d"] or 0) / min(p for p in peers_100 if p), 0.5)
+    for key in ("b", "c", "d"):
+        row = next((r for r in rows if r.config.key == key), None)
+        run = row.median_run() if row else None
+        a = next((r.median_run() for r in rows if r.config.key == "a"), None)
+        if run and a and a.read_bytes:
+            check(f"wire bytes / guest reads ({key})", run.wire_bytes / a.read_bytes, 1.0)
+    return ["", "Goals (issue 7):", *lines] if lines else []
+
+
+def stage_lines(rows: list[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        run = row.median_run()
+        if run and run.stages:
+            split = ", ".join(f"{k} {v:.1f}" for k, v in run.stages.items())
+            lines.append(f"  ({row.config.key}) {split}")
+    return ["", "seedboot stages, seconds (median run):", *lines] if lines else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.boot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3, help="boots per configuration (default %(default)s)")
+    p.add_argument("--only", help="comma-separated configuration keys, e.g. a,d,e6")
+    p.add_argument("--rtt", type=float, default=100.0, help="the high latency, ms RTT (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny busybox OS, configurations a and e4, one run")
+    p.add_argument("--out", type=Path, help="results directory (default build/bench/results/TIMESTAMP)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per boot before giving up")
+    p.add_argument("--kernel", type=Path, help="kernel directory (seedboot kernel fetch --out DIR) to reuse")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    rtt = args.rtt / 1000
+    selected = configs(rtt)
+    runs = args.runs
+    if args.smoke:
+        selected = [c for c in selected if c.key in SMOKE_KEYS]
+        runs = 1 if args.runs == 3 else args.runs
+    if args.only:
+        keys = {k.strip() for k in args.only.split(",")}
+        unknown = keys - {c.key for c in selected}
+        if unknown:
+            p.error(f"unknown configuration(s) {', '.join(sorted(unknown))}")
+        selected = [c for c in selected if c.key in keys or c.key == "a"]
+    out = args.out or workload.BUILD / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+
+    say = progress_printer()
+    say("workload: building or reusing " + ("the smoke image" if args.smoke else "Debian 12 minbase, 1 GiB"))
+    work = workload.prepare(smoke=args.smoke, kernel_dir=args.kernel)
+    bench = Bench(work, out, args.timeout)
+    rows = [Row(c) for c in selected]
+    with bench.serving():
+        seed_rows = [r for r in rows if r.config.kind == "seedboot"]
+        if seed_rows:
+            why = seedboot_runs.available()
+            if not why:
+                try:
+                    say("seedboot: publishing the image and building the miniroot")
+                    bench.seed = seedboot_runs.prepare(work, workload.BUILD)
+                    if any(r.config.mode == "profile" for r in seed_rows):
+                        say("seedboot: recording a boot profile")
+                        bench.record_profile()
+                except (RuntimeError, OSError) as e:
+                    why = str(e)
+            for r in seed_rows:
+                if why:
+                    r.skipped = why
+            if "f" in {r.config.key for r in seed_rows} and "d" not in {r.config.key for r in seed_rows}:
+                next(r for r in rows if r.config.key == "f").skipped = "needs (d) in the same run"
+        todo = [r for r in rows if not r.skipped]
+        for i in range(runs):
+            for row in todo:
+                say(f"run {i + 1}/{runs}: ({row.config.key}) {row.config.label} ...", end="")
+                result = bench.run(row.config, i)
+                row.runs.append(result)
+                if result.seconds is None:
+                    say(f" FAILED: {result.error}", cont=True)
+                else:
+                    wire = (
+                        f", {result.wire_bytes / 1e6:.1f} MB over the wire"
+                        if row.config.rtt is not None
+                        else ""
+                    )
+                    say(f" {result.seconds:.1f} s{wire}", cont=True)
+    text = table(rows, rtt, runs)
+    print()
+    print(text)
+    (out / "table.txt").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps([row_json(r) for r in rows], indent=1))
+    if not args.no_plots:
+        from benchmarks import plots
+
+        written = plots.write(rows, out)
+        if written:
+            print("\nplots: " + ", ".join(str(w) for w in written))
+    print(f"results: {out}")
+    shutil.rmtree(out / "cache", ignore_errors=True)
+    return 0 if all(r.times() or r.skipped for r in rows) else 1
+
+
+def row_json(row: Row) -> dict[str, object]:
+    return {
+        "config": asdict(row.config),
+        "skipped": row.skipped,
+        "runs": [{k: v for k, v in asdict(r).items() if k != "trace"} for r in row.runs],
+    }
+
+
+def progress_printer() -> Callable[..., None]:
+    start = time.monotonic()
+
+    def say(text: str, end: str = "\n", cont: bool = False) -> None:
+        prefix = "" if cont else f"[{time.monotonic() - start:6.0f}s] "
+        print(prefix + text, end=end, file=sys.stderr, flush=True)
+
+    return say
+
+
+if __name__ == "__main__":
+    sys.exit(main())

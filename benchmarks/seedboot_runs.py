@@ -1,0 +1,168 @@
+"""seedboot's side of the boot benchmark: publish the workload, build the miniroot, make cache
+disks, record and publish a boot profile, and parse the agent's stage lines.
+
+Everything goes through the ``seedboot`` command as a user would run it. What the miniroot
+needs that is not there yet (``seedboot mkinitramfs``) makes ``available()`` say why, and the
+harness reports the seedboot rows as skipped instead of failing the peers' rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.workload import Workload
+
+log = logging.getLogger(__name__)
+
+NAME = "bench"
+CACHE_LABEL = "KNXBLOCK"
+CACHE_SIZE = "2G"
+# Same order as the agent's stages; "kernel" is QEMU start to the first stage, "os" the switch
+# to the marker.
+STAGE_LINE = re.compile(r"seedboot: (\w+)\s+ok\s+([\d.]+)s")
+
+
+def seedboot(*args: str) -> str:
+    cmd = [sys.executable, "-m", "seedboot.tools.cli", *args]
+    log.info("$ seedboot %s", " ".join(args))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"seedboot {' '.join(args)} failed: {(p.stderr or p.stdout).strip()}")
+    return p.stdout
+
+
+def available() -> str:
+    """Empty when seedboot can boot the workload here, else the reason it cannot."""
+    from seedboot.tools import cli
+
+    if "seedboot.tools.mkinitramfs_cmd" not in cli.COMMAND_MODULES and not any(
+        "mkinitramfs" in m for m in cli.COMMAND_MODULES
+    ):
+        return "no `seedboot mkinitramfs` yet (the miniroot, issue 4)"
+    return ""
+
+
+@dataclass
+class Setup:
+    """What the seedboot rows boot: a mirror with the image published, the miniroot, a key."""
+
+    mirror: Path
+    initrd: Path
+    pubkey: Path
+    key: Path
+    workdir: Path
+    has_profile: bool = False
+
+    def append(self, mirror_url: str, *flags: str) -> str:
+        return " ".join([f"seed.mirrors={mirror_url}", f"seed.name={NAME}", "seed.rescue=reboot", *flags])
+
+
+def _newer(target: Path, *sources: Path) -> bool:
+    return target.exists() and all(target.stat().st_mtime >= s.stat().st_mtime for s in sources)
+
+
+def prepare(work: Workload, build: Path) -> Setup:
+    """Publish the image (once per image) and build the miniroot (once per source change)."""
+    d = build / "seedboot"
+    d.mkdir(parents=True, exist_ok=True)
+    key, pub = d / "bench.key", d / "bench.pub"
+    if not key.exists():
+        seedboot("keygen", "--out", str(d / "bench"))
+    mirror = d / "mirror"
+    stamp = d / "published"
+    if not _newer(stamp, work.image, key):
+        if mirror.exists():
+            shutil.rmtree(mirror)
+        seedboot("publish", str(work.image), "--mirror", str(mirror), "--name", NAME, "--key", str(key))
+        stamp.write_text("1\n")
+    initrd = d / "miniroot.img"
+    seedboot("mkinitramfs", "--kernel", str(work.kernel.root), "--pubkey", str(pub), "--out", str(initrd))
+    return Setup(mirror=mirror, initrd=initrd, pubkey=pub, key=key, workdir=d)
+
+
+def cache_disk(path: Path, copy_of: Path | None = None) -> Path:
+    """An empty ext4 cache disk labelled KNXBLOCK, or a sparse copy of a filled one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    if copy_of is not None:
+        subprocess.run(["cp", "--sparse=always", str(copy_of), str(path)], check=True)
+        return path
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-L", CACHE_LABEL, str(path), CACHE_SIZE],
+        check=True,
+        env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
+    )
+    return path
+
+
+def cache_drive(path: Path) -> list[str]:
+    return ["-drive", f"file={path},format=raw,if=virtio"]
+
+
+def extract_traces(cache: Path, dest: Path) -> list[Path]:
+    """Copy the boot traces the agent wrote on a cache disk (debugfs: no mount needed)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -p /traces", str(cache)], capture_output=True, text=True, check=False
+    ).stdout
+    out = []
+    for line in listing.splitlines():
+        parts = line.strip("/").split("/")
+        if len(parts) >= 5 and parts[4].endswith(".trace"):
+            target = dest / parts[4]
+            subprocess.run(
+                ["debugfs", "-R", f"dump /traces/{parts[4]} {target}", str(cache)],
+                capture_output=True,
+                check=True,
+            )
+            out.append(target)
+    return out
+
+
+def publish_profile(setup: Setup, traces: list[Path], image: Path) -> None:
+    """Merge recorded traces into a profile and publish it as the next version."""
+    profile = setup.workdir / "boot.profile"
+    seedboot("profile", "merge", *map(str, traces), "--out", str(profile))
+    seedboot(
+        "publish",
+        str(image),
+        "--mirror",
+        str(setup.mirror),
+        "--name",
+        NAME,
+        "--key",
+        str(setup.key),
+        "--profile",
+        str(profile),
+    )
+    setup.has_profile = True
+
+
+def stages(lines: list[tuple[float, str]], marker_at: float | None) -> dict[str, float]:
+    """Where the time went, from the agent's console lines: seconds per stage, plus 'kernel'
+    (QEMU start to the first stage's start) and 'os' (end of the switch to the marker)."""
+    out: dict[str, float] = {}
+    first_start: float | None = None
+    last_end = 0.0
+    for t, line in lines:
+        m = STAGE_LINE.search(line)
+        if not m:
+            continue
+        took = float(m.group(2))
+        if first_start is None:
+            first_start = t - took
+        out[m.group(1)] = took
+        last_end = t
+    if first_start is None:
+        return {}
+    result = {"kernel": first_start, **out}
+    if marker_at is not None:
+        result["os"] = marker_at - last_end
+    return result
