@@ -98,6 +98,14 @@ def _run(*args: str) -> str:
     return r.stdout
 
 
+def setup_commands(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> list[list[str]]:
+    """The dmsetup calls (no udev in the miniroot: create without udev sync, then mknodes)."""
+    return [
+        ["dmsetup", "create", name, "--readonly", "--noudevsync", "--table", table(v, data_dev, hash_dev)],
+        ["dmsetup", "mknodes", name],
+    ]
+
+
 def device_size(dev: str) -> int:
     fd = os.open(dev, os.O_RDONLY)
     try:
@@ -119,8 +127,8 @@ def setup(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> str:
         )
     if shutil.which("modprobe"):
         subprocess.run(["modprobe", "dm-verity"], capture_output=True, timeout=TIMEOUT)
-    _run("dmsetup", "create", name, "--readonly", "--noudevsync", "--table", table(v, data_dev, hash_dev))
-    _run("dmsetup", "mknodes", name)
+    for cmd in setup_commands(v, data_dev, hash_dev, name):
+        _run(*cmd)
     dev = f"/dev/mapper/{name}"
     log.info("dm-verity %s over %s (root hash %s)", dev, data_dev, v.root_hash[:16])
     return dev
