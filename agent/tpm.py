@@ -1,4 +1,8 @@
-"""TPM 2.0 through tpm2-tools: measure the verified release into a PCR; a rollback NV counter.
+"""TPM 2.0: measure the verified release into a PCR; a rollback NV counter.
+
+The TPM stack is Debian's tpm2-tss: the ESAPI library (libtss2-esys, through ctypes in
+tpm_esys.py), which is what the miniroot carries, or tpm2-tools where those libraries cannot
+be loaded (``detect``). Both talk to the same TCTI.
 
 Measurement. Before the switch into the new root the agent extends **PCR 15** in the
 SHA-256 bank with the SHA-256 of the verified metadata bytes (``Release.meta_digest``):
@@ -34,6 +38,11 @@ state file on the cache still refuses older versions.
 Where no TPM is present (no ``/dev/tpmrm0``) nothing is measured and the console says so.
 The TCTI is ``device:/dev/tpmrm0`` by default; ``SEEDBOOT_TPM_TCTI`` or ``TPM2TOOLS_TCTI``
 (e.g. ``swtpm:port=2321``) override it, which is how host tests use swtpm.
+
+The miniroot needs ``libtss2-esys.so.0``, ``libtss2-sys.so.1``, ``libtss2-mu.so.0``,
+``libtss2-tctildr.so.0``, ``libtss2-tcti-device.so.0`` (dlopen'ed by name, so no ELF
+names it) and ``libcrypto.so.3``; with the TPM TIS/CRB drivers built into Debian's kernel,
+no module.
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from seedboot.agent.errors import SeedError
 
@@ -67,23 +78,99 @@ TIMEOUT = 20.0
 
 
 class TpmError(SeedError):
-    """A tpm2-tools command that failed (the TPM answered with an error, or did not answer)."""
+    """A TPM command that failed (the TPM answered with an error, or did not answer)."""
 
     def __init__(self, message: str, hint: str = "", code: int | None = None) -> None:
         super().__init__(message, hint)
-        self.code = code  # the TPM response code, when the TPM answered
+        self.code = code  # the TPM response code (handle/parameter numbers masked), if it answered
 
 
 # TPM 2.0 response codes the agent expects and handles.
-RC_HANDLE = 0x18B  # no such NV index
+RC_HANDLE = 0x08B  # no such NV index
 RC_NV_UNINITIALIZED = 0x14A  # defined, never written
 RC_NV_DEFINED = 0x14C  # already defined
-_RC_RE = re.compile(r"ErrorCode \(0x([0-9a-fA-F]+)\)")
+# "Esys_NV_Read(0x14A) - tpm:..." (or, with TSS2_LOG on, "ErrorCode (0x0000014a)").
+_RC_RE = re.compile(r"\(0x([0-9a-fA-F]+)\)")
+
+# TPMA_NV attributes of the two indices (see tpm_esys for the bits).
+NV_COUNTER = "counter"
+NV_BASE = "base"
+
+
+def _mask(rc: int) -> int:
+    return rc & 0xBF if rc & 0x80 else rc
+
+
+class Tpm(Protocol):
+    @property
+    def tcti(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+
+    def pcr_read(self, pcr: int) -> bytes: ...
+    def pcr_extend(self, pcr: int, digest: bytes) -> None: ...
+    def nv_read(self, index: int) -> bytes: ...
+    def nv_define(self, index: int, size: int, kind: str) -> None: ...
+    def nv_increment(self, index: int) -> None: ...
+    def nv_write(self, index: int, data: bytes) -> None: ...
+    def nv_writelock(self, index: int) -> None: ...
 
 
 @dataclass(frozen=True)
-class Tpm:
+class EsysTpm:
+    """Through Debian's libtss2-esys (what the miniroot carries: no tpm2-tools needed)."""
+
     tcti: str
+    kind: str = "tss2-esys"
+
+    def _do(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        from seedboot.agent import tpm_esys
+
+        try:
+            ctx = tpm_esys.Esys(self.tcti)
+        except tpm_esys.EsysError as e:
+            raise TpmError(f"cannot reach the TPM via {self.tcti} ({e})", "is the TPM working?") from e
+        try:
+            return fn(ctx)
+        except tpm_esys.EsysError as e:
+            code = None if e.tpm_rc is None else _mask(e.rc)
+            raise TpmError(f"TPM {what} ({self.tcti}) failed: {e}", code=code) from e
+        finally:
+            ctx.close()
+
+    def pcr_read(self, pcr: int) -> bytes:
+        return bytes(self._do(f"PCR_Read {pcr}", lambda t: t.pcr_read(pcr)))
+
+    def pcr_extend(self, pcr: int, digest: bytes) -> None:
+        self._do(f"PCR_Extend {pcr}", lambda t: t.pcr_extend(pcr, digest))
+
+    def nv_read(self, index: int) -> bytes:
+        return bytes(self._do(f"NV_Read {index:#x}", lambda t: t.nv_read(index)))
+
+    def nv_define(self, index: int, size: int, kind: str) -> None:
+        from seedboot.agent import tpm_esys as e
+
+        attrs = e.NV_OWNERREAD | e.NV_OWNERWRITE | e.NV_AUTHREAD | e.NV_AUTHWRITE
+        attrs |= e.NV_TPM_NT_COUNTER if kind == NV_COUNTER else e.NV_WRITEDEFINE
+        self._do(f"NV_DefineSpace {index:#x}", lambda t: t.nv_define(index, size, attrs))
+
+    def nv_increment(self, index: int) -> None:
+        self._do(f"NV_Increment {index:#x}", lambda t: t.nv_increment(index))
+
+    def nv_write(self, index: int, data: bytes) -> None:
+        self._do(f"NV_Write {index:#x}", lambda t: t.nv_write(index, data))
+
+    def nv_writelock(self, index: int) -> None:
+        self._do(f"NV_WriteLock {index:#x}", lambda t: t.nv_writelock(index))
+
+
+@dataclass(frozen=True)
+class CliTpm:
+    """Through tpm2-tools (a fallback where the TSS libraries cannot be loaded, and the
+    independent implementation the tests check against)."""
+
+    tcti: str
+    kind: str = "tpm2-tools"
 
     def run(self, *args: str, input: bytes | None = None) -> bytes:
         env = {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
@@ -100,38 +187,70 @@ class Tpm:
             )
             raise TpmError(
                 f"{args[0]} ({self.tcti}) failed: {why.removeprefix('ERROR: ') or r.returncode}",
-                code=int(m.group(1), 16) if m else None,
+                code=_mask(int(m.group(1), 16)) if m else None,
             )
         return r.stdout
 
+    def pcr_read(self, pcr: int) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="seedboot-tpm-") as d:
+            out = Path(d) / "pcr"
+            self.run("tpm2_pcrread", f"sha256:{pcr}", "-o", str(out))
+            return out.read_bytes()
 
-def detect(tcti: str | None = None, device: str = DEFAULT_DEVICE) -> tuple[Tpm | None, str]:
+    def pcr_extend(self, pcr: int, digest: bytes) -> None:
+        self.run("tpm2_pcrextend", f"{pcr}:sha256={digest.hex()}")
+
+    def nv_read(self, index: int) -> bytes:
+        return self.run("tpm2_nvread", "-C", "o", hex(index))
+
+    def nv_define(self, index: int, size: int, kind: str) -> None:
+        attrs = "ownerread|ownerwrite|authread|authwrite|" + (
+            "nt=counter" if kind == NV_COUNTER else "writedefine"
+        )
+        self.run("tpm2_nvdefine", hex(index), "-C", "o", "-s", str(size), "-a", attrs)
+
+    def nv_increment(self, index: int) -> None:
+        self.run("tpm2_nvincrement", "-C", "o", hex(index))
+
+    def nv_write(self, index: int, data: bytes) -> None:
+        self.run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(index), input=data)
+
+    def nv_writelock(self, index: int) -> None:
+        self.run("tpm2_nvwritelock", "-C", "o", hex(index))
+
+
+def detect(
+    tcti: str | None = None, device: str = DEFAULT_DEVICE, prefer: str = "tss2-esys"
+) -> tuple[Tpm | None, str]:
     """The TPM to use, or None and the reason (for the console line)."""
     tcti = tcti or os.environ.get("SEEDBOOT_TPM_TCTI") or os.environ.get("TPM2TOOLS_TCTI")
     if not tcti:
         if not os.path.exists(device):
             return None, f"no TPM ({device} absent)"
         tcti = f"device:{device}"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        return None, f"TPM present but tpm2-tools missing ({', '.join(missing)})"
-    return Tpm(tcti), f"TPM via {tcti}"
+    have_tools = all(shutil.which(t) for t in TOOLS)
+    if prefer == "tss2-esys" or not have_tools:
+        try:
+            from seedboot.agent import tpm_esys
+
+            tpm_esys.libraries()
+            return EsysTpm(tcti), f"TPM via {tcti} (tss2-esys)"
+        except OSError as e:
+            log.info("TSS libraries not loadable: %s", e)
+    if have_tools:
+        return CliTpm(tcti), f"TPM via {tcti} (tpm2-tools)"
+    return None, "TPM present but neither libtss2-esys nor tpm2-tools in the miniroot"
 
 
 def pcr_read(tpm: Tpm, pcr: int = PCR_SYSTEM_IDENTITY) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="seedboot-tpm-") as d:
-        out = Path(d) / "pcr"
-        tpm.run("tpm2_pcrread", f"sha256:{pcr}", "-o", str(out))
-        value = out.read_bytes()
+    value = tpm.pcr_read(pcr)
     if len(value) != 32:
-        raise TpmError(
-            f"tpm2_pcrread returned {len(value)} bytes for sha256:{pcr}", "does the TPM have a SHA-256 bank?"
-        )
+        raise TpmError(f"PCR {pcr} read back {len(value)} bytes", "does the TPM have a SHA-256 bank?")
     return value
 
 
 def pcr_extend(tpm: Tpm, digest_hex: str, pcr: int = PCR_SYSTEM_IDENTITY) -> None:
-    tpm.run("tpm2_pcrextend", f"{pcr}:sha256={digest_hex}")
+    tpm.pcr_extend(pcr, bytes.fromhex(digest_hex))
 
 
 def expected_extend(old: bytes, digest_hex: str) -> bytes:
@@ -203,7 +322,7 @@ def counter_indices(name: str) -> tuple[int, int]:
 def _nv_read(tpm: Tpm, index: int) -> bytes | None:
     """The index's content, or None if it is not defined or never written."""
     try:
-        return tpm.run("tpm2_nvread", "-C", "o", hex(index))
+        return tpm.nv_read(index)
     except TpmError as e:
         if e.code in (RC_HANDLE, RC_NV_UNINITIALIZED):
             return None
@@ -215,9 +334,9 @@ def _counter(tpm: Tpm, index: int) -> int | None:
     return None if raw is None else int.from_bytes(raw[:8], "big")
 
 
-def _define(tpm: Tpm, index: int, size: int, attrs: str) -> None:
+def _define(tpm: Tpm, index: int, size: int, kind: str) -> None:
     try:
-        tpm.run("tpm2_nvdefine", hex(index), "-C", "o", "-s", str(size), "-a", attrs)
+        tpm.nv_define(index, size, kind)
     except TpmError as e:
         if e.code != RC_NV_DEFINED:  # defined already: an earlier boot stopped half-way
             raise
@@ -253,15 +372,15 @@ def read_counter(tpm: Tpm, name: str) -> CounterState | None:
 
 def _first_use(tpm: Tpm, name: str, version: int) -> CounterState:
     cidx, bidx = counter_indices(name)
-    _define(tpm, cidx, 8, "nt=counter|ownerread|ownerwrite|authread|authwrite")
-    tpm.run("tpm2_nvincrement", "-C", "o", hex(cidx))
+    _define(tpm, cidx, 8, NV_COUNTER)
+    tpm.nv_increment(cidx)
     count = _counter(tpm, cidx)
     assert count is not None
     base = count - version
     blob = _BASE_MAGIC + base.to_bytes(8, "big", signed=True) + name.encode().ljust(64, b"\0")
-    _define(tpm, bidx, _BASE_SIZE, "ownerread|ownerwrite|authread|authwrite|writedefine")
-    tpm.run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(bidx), input=blob)
-    tpm.run("tpm2_nvwritelock", "-C", "o", hex(bidx))
+    _define(tpm, bidx, _BASE_SIZE, NV_BASE)
+    tpm.nv_write(bidx, blob)
+    tpm.nv_writelock(bidx)
     log.info("TPM counter %#x for %s: started at %d, base %d", cidx, name, count, base)
     return CounterState(name, version, count, base)
 
@@ -288,7 +407,7 @@ def check_and_advance(tpm: Tpm, name: str, version: int, allow_older: bool = Fal
             return f"TPM counter says v{st.highest}; booting older v{version} as requested"
         steps = min(version - st.highest, MAX_STEPS)
         for _ in range(steps):
-            tpm.run("tpm2_nvincrement", "-C", "o", hex(counter_indices(name)[0]))
+            tpm.nv_increment(counter_indices(name)[0])
         now = st.highest + steps
         if now < version:
             log.warning("TPM counter advanced only to v%d (at most %d steps a boot)", now, MAX_STEPS)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tpm.Tpm]:
+def swtpm_tcti(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     state = tmp_path_factory.mktemp("swtpm")
     port = free_port()
     ctrl = port + 1  # the swtpm TCTI finds the control channel at port + 1
@@ -41,12 +41,36 @@ def swtpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tpm.Tpm]:
     )  # fmt: skip
     try:
         wait_port(port)
-        t, why = tpm.detect(tcti=f"swtpm:port={port}")
-        assert t is not None, why
-        yield t
+        yield f"swtpm:port={port}"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(params=["tss2-esys", "tpm2-tools"])
+def swtpm(request: pytest.FixtureRequest, swtpm_tcti: str) -> tpm.Tpm:
+    """The agent's TPM access through each backend: Debian's libtss2-esys (what the miniroot
+    uses) and tpm2-tools; both talk to the same swtpm."""
+    t, why = tpm.detect(tcti=swtpm_tcti, prefer=request.param)
+    assert t is not None and t.kind == request.param, why
+    return t
+
+
+def img_a(t: tpm.Tpm) -> str:
+    return f"img-a-{t.kind}"
+
+
+def img_b(t: tpm.Tpm) -> str:
+    return f"img-b-{t.kind}"
+
+
+def img_d(t: tpm.Tpm) -> str:
+    return f"img-d-{t.kind}"
+
+
+def cli(t: tpm.Tpm) -> tpm.CliTpm:
+    """tpm2-tools on the same TPM: an implementation independent of the agent's ESAPI calls."""
+    return tpm.CliTpm(t.tcti)
 
 
 def test_measure_extends_pcr15_and_logs(swtpm: tpm.Tpm, tmp_path: Path) -> None:
@@ -60,7 +84,7 @@ def test_measure_extends_pcr15_and_logs(swtpm: tpm.Tpm, tmp_path: Path) -> None:
     want = hashlib.sha256(before + hashlib.sha256(meta_bytes).digest()).hexdigest()
     assert tpm.pcr_read(swtpm, 15).hex() == want == m.pcr_value
     # tpm2-tools' own text output agrees (not just our -o file reading).
-    text = swtpm.run("tpm2_pcrread", "sha256:15").decode()
+    text = cli(swtpm).run("tpm2_pcrread", "sha256:15").decode()
     assert want.upper() in text
     events = [json.loads(ln) for ln in log_path.read_text().splitlines()]
     assert events[-1]["pcr"] == 15 and events[-1]["digest"] == digest
@@ -80,46 +104,46 @@ def test_no_tpm_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_dead_tpm_reports_failure(tmp_path: Path) -> None:
-    dead = tpm.Tpm(f"swtpm:port={free_port()}")
+    dead = tpm.EsysTpm(f"swtpm:port={free_port()}")
     m = tpm.measure_release("demo", 1, "ab" * 32, dead, log_path=tmp_path / "log")
     assert m.status == "failed" and "continuing" in m.message
 
 
 def test_nv_counter_refuses_older(swtpm: tpm.Tpm) -> None:
-    assert tpm.read_counter(swtpm, "img-a") is None
-    msg = tpm.check_and_advance(swtpm, "img-a", 5)
+    assert tpm.read_counter(swtpm, img_a(swtpm)) is None
+    msg = tpm.check_and_advance(swtpm, img_a(swtpm), 5)
     assert "started" in msg
-    st = tpm.read_counter(swtpm, "img-a")
+    st = tpm.read_counter(swtpm, img_a(swtpm))
     assert st is not None and st.highest == 5
     start = st.counter
     with pytest.raises(RollbackRefused, match="version 3 is older than version 5 recorded in the TPM"):
-        tpm.check_and_advance(swtpm, "img-a", 3)
-    assert "booting older v3 as requested" in tpm.check_and_advance(swtpm, "img-a", 3, allow_older=True)
-    assert tpm.check_and_advance(swtpm, "img-a", 7) == "TPM counter at v7 for img-a"
-    st = tpm.read_counter(swtpm, "img-a")
+        tpm.check_and_advance(swtpm, img_a(swtpm), 3)
+    assert "booting older v3 as requested" in tpm.check_and_advance(swtpm, img_a(swtpm), 3, allow_older=True)
+    assert tpm.check_and_advance(swtpm, img_a(swtpm), 7) == f"TPM counter at v7 for {img_a(swtpm)}"
+    st = tpm.read_counter(swtpm, img_a(swtpm))
     assert st is not None and (st.highest, st.counter) == (7, start + 2)
     # The base is write-locked: it cannot be rewritten to wind the version back.
-    cidx, bidx = tpm.counter_indices("img-a")
+    cidx, bidx = tpm.counter_indices(img_a(swtpm))
     with pytest.raises(tpm.TpmError):
-        swtpm.run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(bidx), input=b"\0" * 76)
+        cli(swtpm).run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(bidx), input=b"\0" * 76)
     # A counter cannot be decremented or written either.
     with pytest.raises(tpm.TpmError):
-        swtpm.run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(cidx), input=b"\0" * 8)
+        cli(swtpm).run("tpm2_nvwrite", "-C", "o", "-i", "-", hex(cidx), input=b"\0" * 8)
 
 
 def test_fresh_counter_starts_non_zero(swtpm: tpm.Tpm) -> None:
-    tpm.check_and_advance(swtpm, "img-b", 1)
-    tpm.check_and_advance(swtpm, "img-b", 9)
-    old = tpm.read_counter(swtpm, "img-b")
+    tpm.check_and_advance(swtpm, img_b(swtpm), 1)
+    tpm.check_and_advance(swtpm, img_b(swtpm), 9)
+    old = tpm.read_counter(swtpm, img_b(swtpm))
     assert old is not None and old.highest == 9
     # Deleting a counter (needs owner auth) does not reset counting: a counter defined later
     # starts at the highest count the TPM has seen, not at 0. The base absorbs that, and
     # the version still reads right.
-    for index in tpm.counter_indices("img-b"):
-        swtpm.run("tpm2_nvundefine", "-C", "o", hex(index))
-    assert tpm.read_counter(swtpm, "img-b") is None
-    tpm.check_and_advance(swtpm, "img-b", 2)
-    st = tpm.read_counter(swtpm, "img-b")
+    for index in tpm.counter_indices(img_b(swtpm)):
+        cli(swtpm).run("tpm2_nvundefine", "-C", "o", hex(index))
+    assert tpm.read_counter(swtpm, img_b(swtpm)) is None
+    tpm.check_and_advance(swtpm, img_b(swtpm), 2)
+    st = tpm.read_counter(swtpm, img_b(swtpm))
     assert st is not None and st.highest == 2 and st.counter > old.counter and st.base == st.counter - 2
 
 
@@ -131,20 +155,20 @@ def test_trust_boot_counter_then_measure(
     log_path = tmp_path / "measure.log"
     digest = hashlib.sha256(b"meta v4").hexdigest()
     before = tpm.pcr_read(swtpm)
-    notes = tpm.trust_boot("img-d", 4, digest, log_path=log_path)
-    assert "started for img-d at v4" in notes[0] and "into PCR 15" in notes[1]
+    notes = tpm.trust_boot(img_d(swtpm), 4, digest, log_path=log_path)
+    assert f"started for {img_d(swtpm)} at v4" in notes[0] and "into PCR 15" in notes[1]
     assert tpm.pcr_read(swtpm) == hashlib.sha256(before + bytes.fromhex(digest)).digest()
     after = tpm.pcr_read(swtpm)
     with pytest.raises(RollbackRefused):
-        tpm.trust_boot("img-d", 2, hashlib.sha256(b"meta v2").hexdigest(), log_path=log_path)
+        tpm.trust_boot(img_d(swtpm), 2, hashlib.sha256(b"meta v2").hexdigest(), log_path=log_path)
     assert tpm.pcr_read(swtpm) == after and len(log_path.read_text().splitlines()) == 1
     notes = tpm.trust_boot(
-        "img-d", 2, hashlib.sha256(b"meta v2").hexdigest(), allow_older=True, log_path=log_path
+        img_d(swtpm), 2, hashlib.sha256(b"meta v2").hexdigest(), allow_older=True, log_path=log_path
     )
     assert "booting older v2 as requested" in notes[0]
     monkeypatch.delenv("SEEDBOOT_TPM_TCTI")
     monkeypatch.delenv("TPM2TOOLS_TCTI", raising=False)
     if not Path(tpm.DEFAULT_DEVICE).exists():
-        assert tpm.trust_boot("img-d", 5, digest, log_path=log_path) == [
+        assert tpm.trust_boot(img_d(swtpm), 5, digest, log_path=log_path) == [
             f"no TPM ({tpm.DEFAULT_DEVICE} absent): image not measured, continuing"
         ]
