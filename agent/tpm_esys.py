@@ -2,7 +2,7 @@
 
 The same stack tpm2-tools is built on, without tpm2-tools: the multi-call ``tpm2`` binary
 links libcurl-gnutls and with it ~13 MB of libraries (4.3 MB zstd) the miniroot would carry
-for five commands; ESAPI, ``libtss2-tctildr`` and one TCTI are ~0.7 MB. Commands are
+for five commands; ESAPI, ``libtss2-tctildr`` and one TCTI are 1.1 MB (0.24 MB zstd). Commands are
 marshalled by libtss2-mu, sessions and responses checked by ESAPI; only the handful of
 structures the calls take are declared here, with the TSS ABI sizes (TPM2_NUM_PCR_BANKS 16,
 TPMU_HA 64 bytes, TPM2_MAX_NV_BUFFER_SIZE 2048).
