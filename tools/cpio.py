@@ -80,6 +80,11 @@ def write(out: BinaryIO, entries: Iterable[Entry]) -> int:
     unique: dict[str, Entry] = {}
     for e in entries:
         unique[e.name.strip("/")] = e
+    # The kernel's unpacker creates no missing parents (cpio -id does, so this hides in tests).
+    for name in list(unique):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            unique.setdefault("/".join(parts[:i]), directory("/".join(parts[:i])))
     written = 0
 
     def emit(chunk: bytes) -> None:

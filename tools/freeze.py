@@ -373,6 +373,35 @@ def strip(files: Iterable[Path]) -> None:
         run(["strip", "--strip-unneeded", *paths])
 
 
+def drop_search_paths(path: Path) -> bool:
+    """Remove DT_RUNPATH/DT_RPATH from an ELF64 file's dynamic section; True if one was there.
+
+    A build interpreter's RUNPATH (pyenv's lib dir, say) would make the loader ignore the launcher's
+    RPATH for that object's dependencies, so libm & co would not be found in the guest.
+    """
+    data = bytearray(path.read_bytes())
+    if data[:4] != b"\x7fELF" or data[4] != 2:
+        return False
+    phoff = int.from_bytes(data[0x20:0x28], "little")
+    phentsize = int.from_bytes(data[0x36:0x38], "little")
+    phnum = int.from_bytes(data[0x38:0x3A], "little")
+    for i in range(phnum):
+        ph = phoff + i * phentsize
+        if int.from_bytes(data[ph : ph + 4], "little") != 2:  # PT_DYNAMIC
+            continue
+        off = int.from_bytes(data[ph + 8 : ph + 16], "little")
+        size = int.from_bytes(data[ph + 32 : ph + 40], "little")
+        entries = [bytes(data[off + j : off + j + 16]) for j in range(0, size, 16)]
+        kept = [e for e in entries if int.from_bytes(e[:8], "little") not in (15, 29)]
+        if len(kept) == len(entries):
+            return False
+        kept += [bytes(16)] * (len(entries) - len(kept))  # DT_NULL padding keeps the section size
+        data[off : off + size] = b"".join(kept)
+        path.write_bytes(bytes(data))
+        return True
+    return False
+
+
 def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
     """Build the runtime into OUT (emptied first)."""
     if out.exists():
@@ -402,6 +431,9 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
         shutil.copy2(path, lib / soname)
     rt.libraries = sorted([libpython.name, *libs])
     strip(f for f in elf_files(out) if f.name != "seedboot-agent" and not f.name.startswith("ld-linux"))
+    for f in elf_files(out):
+        if f.name != "seedboot-agent" and drop_search_paths(f):
+            log.debug("dropped RUNPATH of %s", f.name)
     return rt
 
 
