@@ -44,7 +44,7 @@ DEFAULT_FORMATS = tuple(FORMATS)
 def parse_formats(text: str) -> tuple[str, ...]:
     words = [w.strip().lower() for w in text.split(",") if w.strip()]
     if "all" in words:
-        return DEFAULT_FORMATS
+        return DEFAULT_FORMATS + (("ova",) if "ova" in words else ())
     bad = [w for w in words if w not in FORMATS and w != "ova"]
     if bad or not words:
         raise SeedError(

@@ -1,13 +1,16 @@
 """A seed disk as one sparse raw image, built without mounting anything.
 
-    sector 0          MBR: GRUB's boot.img (first 440 bytes) and an msdos partition table
-    sectors 1..2047   GRUB's i386-pc core.img (the post-MBR gap; no grub-install, which fails here)
-    partition 1       /boot, ext2 (bootable): grub/grub.cfg, vmlinuz, initrd.img  (mke2fs -d)
-    partition 2       ESP, FAT (type ef): EFI/BOOT/BOOTX64.EFI               (mkfs.vfat + mtools)
-    partition 3       KNXBLOCK, ext4: the block cache, the rest of the disk   (mke2fs, lazy init)
+    sector 0        MBR: GRUB's boot.img (first 440 bytes) and an msdos partition table
+    sectors 1..     GRUB's i386-pc core.img (before the first partition; grub-install fails here)
+    partition 1     KNXBLOCK, ext4: the block cache, nearly all of the disk    (mke2fs, lazy init)
+    partition 2     /boot, ext2 (bootable): grub/grub.cfg, vmlinuz, initrd.img   (mke2fs -d)
+    partition 3     ESP, FAT (type ef): EFI/BOOT/BOOTX64.EFI, up to the end     (mkfs.vfat + mtools)
 
-Every filesystem is written straight into the image file at its offset, so the blocks never
-written stay holes: a 16 GiB disk takes about the size of its kernel and miniroot.
+Every filesystem is written straight into the image file at its offset, and zero runs are
+punched out afterwards, so the blocks never written stay holes: a 16 GiB disk takes about
+the size of its kernel and miniroot. The order is chosen for the disk formats that allocate
+1-2 MiB at a time (vdi, vhd, parallels): what is written sits in two runs, the MBR with the
+cache's first blocks, and the cache's last block group (kept tiny) with /boot and the ESP.
 Both GRUB images carry their modules and an early config that finds /boot by filesystem
 UUID, so neither needs a module directory on the disk.
 """
@@ -28,17 +31,24 @@ from seedboot.agent.errors import SeedError
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+KiB = 1 << 10
 MiB = 1 << 20
 BOOT_LABEL = "SEEDBOOT"
 ESP_LABEL = "SEEDESP"
 CACHE_LABEL = "KNXBLOCK"
 MIN_CACHE = 32 * MiB
+CACHE_BLOCK = 4096
+CACHE_GROUP = 32768  # blocks per ext4 group at 4 KiB blocks
+# The cache's last group is this many blocks: mke2fs writes that group's bitmaps even when
+# lazy, so a small last group keeps them next to /boot. Below ~180 (its inode table plus 50)
+# mke2fs drops the group and the previous one, 128 MiB away, becomes the last.
+CACHE_TAIL_BLOCKS = 200
 
 # What grub.cfg uses (grub/menu.py): menus, serial + screen, linux/initrd, search by UUID.
 COMMON_MODULES = ("part_msdos", "ext2", "normal", "linux", "serial", "terminal", "echo", "test", "configfile",
                   "search", "search_fs_uuid", "sleep", "halt", "reboot", "gzio")  # fmt: skip
 BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
-EFI_MODULES = ("fat", "efi_gop", "efi_uga", "all_video", *COMMON_MODULES)
+EFI_MODULES = ("fat", "efi_gop", *COMMON_MODULES)
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
 
@@ -59,35 +69,47 @@ class Partition:
 @dataclass(frozen=True)
 class Layout:
     size: int
+    cache: Partition
     boot: Partition
     esp: Partition
-    cache: Partition
 
     @property
     def partitions(self) -> tuple[Partition, Partition, Partition]:
-        return (self.boot, self.esp, self.cache)
+        """In disk order, which is also the table's numbering (cache 1, /boot 2, ESP 3)."""
+        return (self.cache, self.boot, self.esp)
+
+
+def _up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
 
 def _mib_up(n: int) -> int:
-    return -(-n // MiB) * MiB
+    return _up(n, MiB)
 
 
-def plan(size: int, boot_bytes: int, esp_bytes: int) -> Layout:
-    """Partitions for a disk of SIZE bytes: /boot and ESP just large enough, the cache the rest."""
+def plan(size: int, boot_bytes: int, esp_bytes: int, core_bytes: int = 256 * KiB) -> Layout:
+    """Partitions for a disk of SIZE bytes: the cache from right after GRUB's core.img, its
+    size a whole number of ext4 groups plus a small last one; /boot and the ESP after it, the
+    ESP taking what is left (less than 128 MiB, holes)."""
     if size % MiB:
         raise SeedError(f"disk size {size} is not a whole number of MiB", "use e.g. --size 16G or 2048M")
-    boot = Partition(BOOT_LABEL, MiB, _mib_up(boot_bytes), "83", bootable=True)
-    esp = Partition(ESP_LABEL, boot.end, _mib_up(esp_bytes), "ef")
-    cache = Partition(CACHE_LABEL, esp.end, size - esp.end, "83")
-    if cache.size < MIN_CACHE:
-        need = (esp.end + MIN_CACHE) // MiB
-        raise SeedError(
-            f"a {size // MiB} MiB disk leaves {cache.size // MiB} MiB for the cache",
-            f"use --size of at least {need}M (16G is a sensible default)",
-        )
     if size > 2**41 - MiB:
         raise SeedError(f"{size} bytes is beyond an MBR disk's 2 TiB", "use a smaller --size")
-    return Layout(size, boot, esp, cache)
+    start = max(_up(SECTOR + core_bytes, 64 * KiB), 128 * KiB)
+    boot_size = _up(boot_bytes, 64 * KiB)
+    room = (size - start - boot_size - esp_bytes) // CACHE_BLOCK - CACHE_TAIL_BLOCKS
+    groups = room // CACHE_GROUP
+    cache_size = (groups * CACHE_GROUP + CACHE_TAIL_BLOCKS) * CACHE_BLOCK
+    if groups < 1 or cache_size < MIN_CACHE:
+        need = (start + boot_size + esp_bytes + MIN_CACHE + CACHE_GROUP * CACHE_BLOCK) // MiB + 1
+        raise SeedError(
+            f"a {size // MiB} MiB disk leaves no room for the cache after /boot and the ESP",
+            f"use --size of at least {need}M (16G is a sensible default)",
+        )
+    cache = Partition(CACHE_LABEL, start, cache_size, "83")
+    boot = Partition(BOOT_LABEL, cache.end, boot_size, "83", bootable=True)
+    esp = Partition(ESP_LABEL, boot.end, size - boot.end, "ef")
+    return Layout(size, cache, boot, esp)
 
 
 def sfdisk_script(layout: Layout) -> str:
@@ -135,13 +157,15 @@ def grub_images(workdir: Path, boot_uuid: str) -> tuple[Path, Path]:
     core = workdir / "core.img"
     efi = workdir / "BOOTX64.EFI"
     # The -p prefix is a fallback for when the search finds nothing (it then names the first disk).
-    fallback = "(hd0,msdos1)/grub"
+    fallback = "(hd0,msdos2)/grub"
     run(["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_PC_DIR), "-c", str(cfg), "-p", fallback,
          "-o", str(core), *BIOS_MODULES])  # fmt: skip
     run(["grub-mkimage", "-O", "x86_64-efi", "-d", str(GRUB_EFI_DIR), "-c", str(cfg), "-p", fallback,
          "-o", str(efi), *EFI_MODULES])  # fmt: skip
-    if core.stat().st_size > MiB - SECTOR:
-        raise SeedError(f"GRUB core.img is {core.stat().st_size} bytes, more than the 1 MiB gap")
+    if core.stat().st_size > 960 * KiB:
+        raise SeedError(
+            f"GRUB core.img is {core.stat().st_size} bytes; it must fit before the first partition"
+        )
     return core, efi
 
 
@@ -178,9 +202,9 @@ def write_image(
     )
     b = layout.boot
     run(
-        ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "1024", "-m", "0", "-N", "64", "-L", BOOT_LABEL,
+        ["mke2fs", "-q", "-F", "-t", "ext2", "-b", "4096", "-m", "0", "-N", "64", "-L", BOOT_LABEL,
          "-U", boot_uuid, "-d", str(boot_tree), "-E", f"offset={b.start},nodiscard",
-         str(out), str(b.size // 1024)],
+         str(out), str(b.size // 4096)],
         env=fake_time,
     )  # fmt: skip
     e = layout.esp
@@ -197,6 +221,8 @@ def write_image(
          str(c.size // 4096)], env=fake_time)  # fmt: skip
     if out.stat().st_size != layout.size:
         raise SeedError(f"{out} came out {out.stat().st_size} bytes, not {layout.size}")
+    # mkfs.vfat and mke2fs write some all-zero blocks; as holes they cost nothing in any format.
+    run(["fallocate", "--dig-holes", str(out)])
 
 
 # Lazy inode table and journal init: mke2fs leaves them unwritten, so the file stays sparse.
@@ -205,19 +231,25 @@ CACHE_INODE_RATIO = 65536  # one inode per 64 KiB suits a cache of zstd blocks (
 
 
 def cache_mke2fs_args(size: int) -> list[str]:
-    """mke2fs options that keep the cache filesystem's writes together at its start.
+    """mke2fs options that keep what the cache filesystem writes in its first ~600 KiB (plus
+    its last group's bitmaps, which plan() puts next to /boot).
 
     Formats with 1-2 MiB allocation units (vdi, vhd, parallels) pay a whole unit for each
     scattered 4 KiB write, so: no backup superblocks and no resize inode (sparse_super2 with
     num_backup_sb=0: it is a cache, rebuilt if lost), no flex_bg (it would put the root
-    directory after all the packed inode tables, 64 MiB in on 16 GiB), and the journal at
-    1 MiB instead of mid-disk. What is left is the first ~1 MiB and the last group's bitmaps.
+    directory after all the packed inode tables, 64 MiB in on 16 GiB, and write the bitmaps of
+    every flex group), and the journal right after group 0's inode table instead of mid-disk.
     """
+    blocks = size // CACHE_BLOCK
+    groups = -(-blocks // CACHE_GROUP)
+    gdt = -(-groups * 64 // CACHE_BLOCK)
+    itable = CACHE_GROUP * CACHE_BLOCK // CACHE_INODE_RATIO * 256 // CACHE_BLOCK
+    journal_at = 1 + gdt + 2 + itable + 16  # superblock, descriptors, bitmaps, inodes, root dirs
     journal_mb = max(4, min(64, size // MiB // 64))
     return [
-        "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-i", str(CACHE_INODE_RATIO), "-I", "256",
-        "-L", CACHE_LABEL, "-O", "^flex_bg,sparse_super2,^resize_inode",
-        "-J", f"size={journal_mb},location=1M",
+        "-q", "-F", "-t", "ext4", "-b", str(CACHE_BLOCK), "-m", "0", "-i", str(CACHE_INODE_RATIO),
+        "-I", "256", "-L", CACHE_LABEL, "-O", "^flex_bg,sparse_super2,^resize_inode",
+        "-J", f"size={journal_mb},location={journal_at}",
     ]  # fmt: skip
 
 
@@ -230,8 +262,18 @@ def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def tree_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+def ext2_bytes(root: Path) -> int:
+    """A tight size for an ext2 filesystem (4 KiB blocks) holding ROOT: whole blocks per file,
+    its indirect blocks (one per 1024 data blocks, plus the double-indirect ones), one block per
+    directory, and superblock, descriptors, bitmaps and the 64-inode table."""
+    data = 0
+    for p in root.rglob("*"):
+        if p.is_file():
+            blocks = -(-p.stat().st_size // 4096)
+            data += blocks + blocks // 1024 + 2
+        elif p.is_dir():
+            data += 1
+    return (data + 32) * 4096 + 64 * 1024
 
 
 def have_tools() -> list[str]:

@@ -238,16 +238,18 @@ def build(spec: SeedSpec, stream: TextIO | None = None) -> SeedResult:
         boot_uuid = diskimage.new_uuid()
         with prog.step("GRUB for BIOS (core.img) and UEFI (BOOTX64.EFI)"):
             core, efi = diskimage.grub_images(tmp, boot_uuid)
-        # Room for the files plus ext2's own blocks; the ESP holds one GRUB image.
+        # /boot just fits its files (its free space would cost allocation units); the ESP holds one
+        # GRUB image and takes what is left at the end of the disk.
         lay = diskimage.plan(
             spec.size,
-            diskimage.tree_bytes(tree) + diskimage.MiB,
-            efi.stat().st_size + diskimage.MiB,
+            diskimage.ext2_bytes(tree),
+            efi.stat().st_size + 256 * 1024,
+            core.stat().st_size,
         )
         raw = tmp / "seed.img"
         with prog.step(
-            f"raw disk {spec.size / (1 << 30):.1f} GiB: /boot {lay.boot.size >> 20} MiB, "
-            f"ESP {lay.esp.size >> 20} MiB, KNXBLOCK cache {lay.cache.size >> 20} MiB"
+            f"raw disk {spec.size / (1 << 30):.1f} GiB: KNXBLOCK cache {lay.cache.size >> 20} MiB, "
+            f"/boot {lay.boot.size / (1 << 20):.1f} MiB, ESP {lay.esp.size / (1 << 20):.1f} MiB"
         ):
             diskimage.write_image(raw, lay, tree, core, efi, boot_uuid)
         raw_alloc = diskimage.allocated(raw)
