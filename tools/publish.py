@@ -170,44 +170,67 @@ def _open_image(image: Path) -> tuple[int, int]:
     return fd, size
 
 
-_Cut = tuple[bytes, bytes | None, int]  # digest, stored bytes (None: a hole), plain length
+@dataclass
+class _Cut:
+    digest: bytes  # index.HOLE_DIGEST for a hole
+    stored_len: int  # 0 for a hole
+    plain_len: int
+    written: bool  # this publish wrote the block file (it was not in the mirror)
 
 
-def _cut_blocks(fd: int, image_size: int, block_size: int, level: int, threads: int) -> Iterator[_Cut]:
-    """Blocks in image order; read, hole check, compress and hash run in worker threads
-    (pread, zstd and hashlib release the GIL), at most ``4 * threads`` blocks in memory."""
-    zero = bytes(block_size)
-    local = threading.local()
-    nblocks = index.expected_blocks(image_size, block_size)
+class _Cutter:
+    """Blocks in image order. Workers read (pread), check for a hole, compress, hash and
+    write each block: pread, zstd, hashlib and file writes all release the GIL, so both
+    cores compress while a worker that waits on the disk stalls only itself. At most
+    ``window`` blocks are in flight, so memory stays bounded whatever the image size."""
 
-    def work(i: int) -> _Cut:
-        plain = os.pread(fd, block_size, i * block_size)
-        want = min(block_size, image_size - i * block_size)
+    def __init__(self, fd: int, mirror: Path, image_size: int, block_size: int, level: int) -> None:
+        self.fd = fd
+        self.mirror = mirror
+        self.image_size = image_size
+        self.block_size = block_size
+        self.level = level
+        self.zero = bytes(block_size)
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.claimed: set[bytes] = set()  # digests some worker of this publish handles
+
+    def work(self, i: int) -> _Cut:
+        bs = self.block_size
+        plain = os.pread(self.fd, bs, i * bs)
+        want = min(bs, self.image_size - i * bs)
         if len(plain) != want:
             raise SeedError(f"image changed while publishing: block {i} is short", "publish a stable image")
-        if plain == zero[: len(plain)]:
-            return index.HOLE_DIGEST, None, want
-        cctx = getattr(local, "cctx", None)
+        if plain == (self.zero if want == bs else self.zero[:want]):
+            return _Cut(index.HOLE_DIGEST, 0, want, False)
+        cctx = getattr(self.local, "cctx", None)
         if cctx is None:
             import zstandard
 
-            cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
+            cctx = self.local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         stored: bytes = cctx.compress(plain)
-        return hashlib.sha256(stored).digest(), stored, want
+        digest = hashlib.sha256(stored).digest()
+        with self.lock:
+            first = digest not in self.claimed
+            self.claimed.add(digest)
+        written = first and _write_block(self.mirror, digest.hex(), stored)
+        return _Cut(digest, len(stored), want, written)
 
-    window = 4 * threads
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="publish") as pool:
-        pending: deque[Future[_Cut]] = deque()
-        nxt = 0
-        try:
-            while nxt < nblocks or pending:
-                while nxt < nblocks and len(pending) < window:
-                    pending.append(pool.submit(work, nxt))
-                    nxt += 1
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+    def run(self, threads: int) -> Iterator[_Cut]:
+        nblocks = index.expected_blocks(self.image_size, self.block_size)
+        window = max(4 * threads, (32 << 20) // self.block_size)
+        with ThreadPoolExecutor(max_workers=2 * threads, thread_name_prefix="publish") as pool:
+            pending: deque[Future[_Cut]] = deque()
+            nxt = 0
+            try:
+                while nxt < nblocks or pending:
+                    while nxt < nblocks and len(pending) < window:
+                        pending.append(pool.submit(self.work, nxt))
+                        nxt += 1
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
 
 def _write_block(mirror: Path, digest_hex: str, stored: bytes) -> bool:
@@ -329,26 +352,24 @@ def _publish_locked(
     idx = index.Index(block_size=block_size, image_size=stats.image_size)
     seen: set[bytes] = set()
     done = 0
-    for digest, stored, plain_len in _cut_blocks(fd, stats.image_size, block_size, level, threads):
-        done += plain_len
-        idx.digests.append(digest)
-        if stored is None:
-            idx.lengths.append(0)
+    for cut in _Cutter(fd, mirror, stats.image_size, block_size, level).run(threads):
+        done += cut.plain_len
+        idx.digests.append(cut.digest)
+        idx.lengths.append(cut.stored_len)
+        if cut.stored_len == 0:
             stats.holes += 1
         else:
-            idx.lengths.append(len(stored))
-            stats.bytes_plain += plain_len
-            stats.bytes_referenced += len(stored)
-            if digest in seen:
-                stats.reused += 1
-            else:
-                seen.add(digest)
-                stats.bytes_stored += len(stored)
-                if _write_block(mirror, digest.hex(), stored):
-                    stats.new += 1
-                    stats.bytes_written += len(stored)
-                else:
-                    stats.reused += 1
+            stats.bytes_plain += cut.plain_len
+            stats.bytes_referenced += cut.stored_len
+            if cut.digest not in seen:
+                seen.add(cut.digest)
+                stats.bytes_stored += cut.stored_len
+            # The one worker that wrote a repeated block may hold a later position than the
+            # first occurrence, so count writes as they come, not by first position.
+            if cut.written:
+                stats.new += 1
+                stats.bytes_written += cut.stored_len
+        stats.reused = len(idx.digests) - stats.holes - stats.new
         if progress is not None:
             progress(done, stats)
 
