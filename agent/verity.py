@@ -8,9 +8,9 @@ after the boot. A mismatch is an I/O error (EIO) for that read, never bad data.
 The hash tree (``NAME/verity/<sha256>``, published by tools/verity.py) is fetched, checked
 against the digest in the signed metadata, and kept on the cache next to the release. All
 verity parameters come from the signed metadata (the tree has no superblock), so nothing
-unsigned steers the kernel. Setup uses ``dmsetup`` (the miniroot needs ``dmsetup`` and
-``libdevmapper.so.1``, and the ``dm-verity`` module with its dependencies ``dm-mod``,
-``dm-bufio`` and, on newer kernels, ``reed_solomon``):
+unsigned steers the kernel. Setup uses the device-mapper ioctls directly (dm.py), so the
+miniroot needs no dmsetup; it needs the ``dm-verity`` module and its dependencies
+(``dm-mod``, ``dm-bufio``, ``reed_solomon``). The table is what dmsetup would load:
 
     dmsetup create seedroot --readonly --table \\
         "0 <data_blocks*8> verity 1 <data dev> <hash dev> 4096 4096 <data_blocks> 0 sha256 <root> <salt>"
@@ -88,18 +88,8 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
     return path
 
 
-def _run(*args: str) -> str:
-    try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SeedError(f"{args[0]}: {e}", "does the miniroot carry dmsetup and losetup?") from e
-    if r.returncode != 0:
-        raise SeedError(f"{' '.join(args[:2])} failed: {r.stderr.strip() or r.returncode}")
-    return r.stdout
-
-
 def setup_commands(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> list[list[str]]:
-    """The dmsetup calls (no udev in the miniroot: create without udev sync, then mknodes)."""
+    """The same setup with the reference tool, dmsetup (for tests and rescue shells)."""
     return [
         ["dmsetup", "create", name, "--readonly", "--noudevsync", "--table", table(v, data_dev, hash_dev)],
         ["dmsetup", "mknodes", name],
@@ -115,9 +105,12 @@ def device_size(dev: str) -> int:
 
 
 def setup(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> str:
-    """Create the verity target over ``data_dev`` (the loop device); returns /dev/mapper/NAME.
+    """Create the read-only verity target over ``data_dev`` (the loop device) with the
+    device-mapper ioctls (dm.py); returns its node, ``/dev/dm-N``.
 
     ``hash_dev`` is a (read-only loop) block device holding the tree."""
+    from seedboot.agent import dm
+
     need = v.data_blocks * v.data_block_size
     have = device_size(data_dev)
     if have < need:
@@ -125,28 +118,37 @@ def setup(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> str:
             f"{data_dev} has {have} bytes, the dm-verity tree covers {need}",
             "the block device must present the image zero-padded to a multiple of 4096 bytes",
         )
-    if shutil.which("modprobe"):
-        subprocess.run(["modprobe", "dm-verity"], capture_output=True, timeout=TIMEOUT)
-    for cmd in setup_commands(v, data_dev, hash_dev, name):
-        _run(*cmd)
-    dev = f"/dev/mapper/{name}"
+    _modprobe("dm-verity")
+    params = table(v, data_dev, hash_dev).split(" ", 3)[3]
+    try:
+        dev = dm.create(name, "verity", need // 512, params)
+    except OSError as e:
+        raise SeedError(
+            f"dm-verity over {data_dev} could not be set up: {e.strerror}",
+            "is the dm-verity module in the miniroot? (dmesg says more)",
+        ) from e
     log.info("dm-verity %s over %s (root hash %s)", dev, data_dev, v.root_hash[:16])
     return dev
 
 
 def status(name: str = DM_NAME) -> str:
     """``V`` while every block read so far verified, ``C`` once corruption was seen."""
-    return _run("dmsetup", "status", name).split()[-1]
+    from seedboot.agent import dm
+
+    return dm.status(name).split()[-1]
+
+
+def _modprobe(module: str) -> None:
+    if shutil.which("modprobe"):
+        subprocess.run(["modprobe", module], capture_output=True, timeout=TIMEOUT)
 
 
 def available() -> str:
     """Empty if this system can set up dm-verity, else why not (for the console line)."""
-    if shutil.which("dmsetup") is None:
-        return "no dmsetup in the miniroot"
-    if not os.path.exists("/dev/mapper/control") and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "dm-mod"], capture_output=True, timeout=TIMEOUT)
-    if not os.path.exists("/dev/mapper/control") and not os.path.exists("/sys/module/dm_mod"):
-        return "no device-mapper in this kernel"
+    if not os.path.exists("/dev/mapper/control"):
+        _modprobe("dm-mod")
+    if not os.path.exists("/dev/mapper/control"):
+        return "no device-mapper in this kernel (dm-mod)"
     return ""
 
 

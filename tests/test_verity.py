@@ -146,6 +146,10 @@ def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> Non
 
 
 # --- the kernel side, in a QEMU guest (the host kernel has no device-mapper) -------------
+#
+# One boot per disk state runs both: dmsetup (the reference tool) with the table
+# agent/verity.py builds, then the agent itself (frozen, as in the miniroot), which sets the
+# target up through the device-mapper ioctls (agent/dm.py) and reads the whole device.
 
 GUEST_MODULES = ("virtio_pci", "virtio_blk", "dm-verity")
 INIT = """#!/bin/busybox sh
@@ -156,10 +160,34 @@ for m in $(cat /modules.order); do insmod /mods/$m || echo "SEEDTEST insmod $m f
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
 export DM_DISABLE_UDEV=1
 sh /setup.sh; echo "SEEDTEST-SETUP-RC=$?"
-sha256sum /dev/mapper/seedroot > /tmp/sum; echo "SEEDTEST-READ-RC=$?"
+sha256sum /dev/mapper/ref > /tmp/sum; echo "SEEDTEST-READ-RC=$?"
 echo "SEEDTEST-SHA=$(cut -d' ' -f1 /tmp/sum)"
-echo "SEEDTEST-STATUS=$(dmsetup status seedroot)"
+echo "SEEDTEST-STATUS=$(dmsetup status ref)"
+dmsetup remove ref
+/opt/seedboot/seedboot-agent
 poweroff -f
+"""
+# The frozen test agent's entry point: the agent's own dm-verity setup, then a full read.
+AGENT_MAIN = """
+def main() -> int:
+    import hashlib
+    import json
+
+    from seedboot.agent import metadata, verity
+
+    v = metadata.Verity(**json.load(open("/verity.json")))
+    dev = verity.setup(v, "/dev/vda", "/dev/vdb")
+    print(f"SEEDTEST-AGENT-DEV={dev}")
+    h = hashlib.sha256()
+    try:
+        with open(dev, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        print(f"SEEDTEST-AGENT-SHA={h.hexdigest()}")
+    except OSError as e:
+        print(f"SEEDTEST-AGENT-READ-ERRNO={e.errno}")
+    print(f"SEEDTEST-AGENT-STATUS={verity.status()}")
+    return 0
 """
 
 
@@ -185,12 +213,24 @@ def _module_closure(kdir: Path, names: tuple[str, ...]) -> list[Path]:
     return [mods / r for r in order]
 
 
-def _guest_initrd(kdir: Path, out: Path, setup: list[list[str]]) -> Path:
+def _copy_with_libs(exe: Path, stage: Path, dest: str) -> None:
+    import shutil
+
+    shutil.copy(exe, stage / dest)
+    ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, check=True).stdout
+    for lib in [w for w in ldd.split() if w.startswith("/")]:
+        target = stage / lib.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(lib).resolve(), target)
+
+
+def _guest_initrd(kdir: Path, out: Path, runtime: Path, v: metadata.Verity, setup: list[list[str]]) -> Path:
+    import dataclasses
     import shlex
     import shutil
 
     stage = out.parent / "stage"
-    for sub in ("bin", "mods", "lib64", "usr/sbin"):
+    for sub in ("bin", "mods", "lib64", "usr/sbin", "opt"):
         (stage / sub).mkdir(parents=True, exist_ok=True)
     busybox = shutil.which("busybox")
     assert busybox is not None
@@ -199,16 +239,12 @@ def _guest_initrd(kdir: Path, out: Path, setup: list[list[str]]) -> Path:
     for m in mods:
         shutil.copy(m, stage / "mods" / m.name)
     (stage / "modules.order").write_text("\n".join(m.name for m in mods) + "\n")
-    dmsetup = shutil.which("dmsetup") or "/usr/sbin/dmsetup"
-    shutil.copy(dmsetup, stage / "usr/sbin/dmsetup")
-    ldd = subprocess.run(["ldd", dmsetup], capture_output=True, text=True, check=True).stdout
-    for lib in [w for w in ldd.split() if w.startswith("/")]:
-        dest = stage / lib.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(lib).resolve(), dest)
+    _copy_with_libs(Path(shutil.which("dmsetup") or "/usr/sbin/dmsetup"), stage, "usr/sbin/dmsetup")
+    shutil.copytree(runtime, stage / "opt" / "seedboot", symlinks=True)
     (stage / "init").write_text(INIT)
     (stage / "init").chmod(0o755)
     (stage / "setup.sh").write_text("\n".join(shlex.join(c) for c in setup) + "\n")
+    (stage / "verity.json").write_text(json.dumps(dataclasses.asdict(v)))
     files = subprocess.run(["find", "."], cwd=stage, capture_output=True, text=True, check=True).stdout
     archive = subprocess.run(
         ["cpio", "-o", "-H", "newc", "--quiet"],
@@ -217,52 +253,67 @@ def _guest_initrd(kdir: Path, out: Path, setup: list[list[str]]) -> Path:
         capture_output=True,
         check=True,
     ).stdout
-    out.write_bytes(subprocess.run(["gzip", "-1"], input=archive, capture_output=True, check=True).stdout)
+    out.write_bytes(
+        subprocess.run(["zstd", "-3", "-T0"], input=archive, capture_output=True, check=True).stdout
+    )
     return out
 
 
 def _boot(kdir: Path, initrd: Path, data: Path, tree: Path) -> dict[str, str]:
     cmd = [
-        "qemu-system-x86_64", "-m", "256", "-smp", "1", "-nographic", "-no-reboot",
+        "qemu-system-x86_64", "-m", "384", "-smp", "1", "-nographic", "-no-reboot",
         "-kernel", str(kdir / "vmlinuz"), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 quiet", "-nic", "none",
         "-drive", f"file={data},if=virtio,format=raw,snapshot=on",
         "-drive", f"file={tree},if=virtio,format=raw,snapshot=on",
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     out = {}
     for m in re.finditer(r"(SEEDTEST-[A-Z-]+)=([^\r\n]*)", r.stdout):
         out[m.group(1)] = m.group(2).strip()
-    assert "SEEDTEST-STATUS" in out, r.stdout[-3000:]
+    assert "SEEDTEST-AGENT-STATUS" in out, r.stdout[-3000:]
     return out
 
 
 @pytest.mark.qemu
 @pytest.mark.skipif(
-    not (have("qemu-system-x86_64") and have("dmsetup") and have("cpio")), reason="qemu/dmsetup"
+    not (have("qemu-system-x86_64") and have("dmsetup") and have("cpio")), reason="qemu/dmsetup/cpio"
 )
 def test_kernel_dm_verity_catches_a_flipped_byte(work: Path, tmp_path: Path) -> None:
-    """The table agent/verity.py builds, loaded by a real kernel: intact reads pass, one
-    flipped byte in the data disk is an I/O error (never bad data), and the target says 'C'."""
-    from seedboot.tools import kernel
+    """The table agent/verity.py builds, loaded by a real kernel, by dmsetup and by the agent's
+    own ioctls: intact reads pass bit-exact, one flipped byte in the data disk is an I/O error
+    (never bad data), and the target says 'C'."""
+    import shutil
+
+    from seedboot.tools import freeze, kernel
 
     kdir = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "kernel"
     kernel.fetch(kdir)
+    agent_src = tmp_path / "agent"
+    shutil.copytree(freeze.AGENT_SRC, agent_src, ignore=shutil.ignore_patterns("__pycache__"))
+    (agent_src / "main.py").write_text(AGENT_MAIN)
+    runtime = freeze.freeze(tmp_path / "runtime", agent_src).root
+
     data = tmp_path / "data.img"
     data.write_bytes(os.urandom(4 * 1024 * 1024))
     v = tverity.build(data, tmp_path / "m", "demo")
     tree = tmp_path / "m" / averity.tree_path("demo", v.tree)
     tree_disk = tmp_path / "tree.img"  # a block device's size is whole sectors
     tree_disk.write_bytes(tree.read_bytes().ljust(-(-v.tree_size // 512) * 512, b"\0"))
-    initrd = _guest_initrd(kdir, tmp_path / "initrd.img", averity.setup_commands(v, "/dev/vda", "/dev/vdb"))
+    setup = averity.setup_commands(v, "/dev/vda", "/dev/vdb", name="ref")
+    initrd = _guest_initrd(kdir, tmp_path / "initrd.img", runtime, v, setup)
 
+    want = hashlib.sha256(data.read_bytes()).hexdigest()
     ok = _boot(kdir, initrd, data, tree_disk)
     assert ok["SEEDTEST-SETUP-RC"] == "0" and ok["SEEDTEST-READ-RC"] == "0"
-    assert ok["SEEDTEST-SHA"] == hashlib.sha256(data.read_bytes()).hexdigest()
-    assert ok["SEEDTEST-STATUS"].split()[-1] == "V"
+    assert ok["SEEDTEST-SHA"] == want and ok["SEEDTEST-STATUS"].split()[-1] == "V"
+    assert ok["SEEDTEST-AGENT-DEV"].startswith("/dev/dm-")
+    assert ok["SEEDTEST-AGENT-SHA"] == want and ok["SEEDTEST-AGENT-STATUS"] == "V"
 
     flip(data, 3 * 1024 * 1024 + 5)
     bad = _boot(kdir, initrd, data, tree_disk)
     assert bad["SEEDTEST-SETUP-RC"] == "0"
     assert bad["SEEDTEST-READ-RC"] != "0"  # EIO, not the altered bytes
     assert bad["SEEDTEST-STATUS"].split()[-1] == "C"
+    assert bad["SEEDTEST-AGENT-READ-ERRNO"] == "5" and "SEEDTEST-AGENT-SHA" not in bad
+    assert bad["SEEDTEST-AGENT-STATUS"] == "C"
