@@ -53,6 +53,8 @@ PACKAGES: tuple[str, ...] = (
     "cryptography",
     "_cffi_backend",
 )
+# Debian's tpm2-tss, for agent/tpm_esys.py (libtss2-sys, -mu and libcrypto come as dependencies).
+TPM_LIBRARIES = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0")
 # Files never needed at run time (type stubs, tests, the cffi backend of zstandard).
 SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
@@ -425,8 +427,9 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
         raise SeedError(f"{libpython} not found", hint="install python3-dev (libpython3.11)")
     shutil.copy2(libpython, lib / libpython.name)
     elves = elf_files(out)
-    # libudev is opened by pyudev through ctypes, so no ELF names it.
-    libs = shared_libraries(elves, extra=["libudev.so.1"])
+    # libudev is opened by pyudev through ctypes, so no ELF names it; likewise the TPM stack
+    # (agent/tpm_esys.py), whose TCTI loader dlopens the device TCTI by name.
+    libs = shared_libraries(elves, extra=["libudev.so.1", *TPM_LIBRARIES])
     for soname, path in sorted(libs.items()):
         shutil.copy2(path, lib / soname)
     rt.libraries = sorted([libpython.name, *libs])
