@@ -201,6 +201,14 @@ def test_v2_reuses_blocks_and_v1_stays_valid(work: Path, tmp_path: Path) -> None
     assert len(only_v1) == new  # v1's blocks that v2 replaced
     assert not any(p.name in only_v1 for p in (mirror / "blocks").rglob("*"))
     assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub").returncode == 0
+    # The dm-verity tree (published by default) of the dropped version went too; a damaged
+    # tree of the kept one is reported like a bad block.
+    (tree,) = (mirror / "demo" / "verity").iterdir()
+    damaged = bytearray(tree.read_bytes())
+    damaged[0] ^= 1
+    tree.write_bytes(bytes(damaged))
+    r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+    assert r.returncode == 1 and f"dm-verity tree {tree.name}" in r.stderr and str(tree) in r.stderr
 
 
 def test_gc_keeps_every_referenced_block(work: Path, published: Path, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class GcPlan:
     dropped_versions: list[tuple[str, int]] = field(default_factory=list)
     meta_files: list[Path] = field(default_factory=list)
     other_files: list[Path] = field(default_factory=list)  # index, profile, blocks, temp files
+    scratch_dirs: list[Path] = field(default_factory=list)
     bytes_freed: int = 0
     blocks_kept: int = 0
 
@@ -44,6 +46,7 @@ def plan(mirror: Path, keep: int | None) -> GcPlan:
         kept_nums = {v.version for v in kept} | ({img.latest} if img.latest is not None else set())
         kept_index: set[str] = set()
         kept_profiles: set[str] = set()
+        kept_verity: set[str] = set()
         for v in ordered:
             if v.version not in kept_nums:
                 p.dropped_versions.append((name, v.version))
@@ -60,9 +63,11 @@ def plan(mirror: Path, keep: int | None) -> GcPlan:
             kept_index.add(v.meta.index)
             if v.meta.profile:
                 kept_profiles.add(v.meta.profile)
+            if v.meta.verity is not None:
+                kept_verity.add(v.meta.verity.tree)
             referenced |= {d.hex() for d in v.digests()}
-        # Index and profile files of dropped versions, and any left by a publish that died.
-        for sub, keepset in (("index", kept_index), ("profiles", kept_profiles)):
+        # Index, profile and dm-verity files of dropped versions, and any a dead publish left.
+        for sub, keepset in (("index", kept_index), ("profiles", kept_profiles), ("verity", kept_verity)):
             d = mirror / name / sub
             if d.is_dir():
                 p.other_files += [f for f in sorted(d.iterdir()) if f.is_file() and f.name not in keepset]
@@ -71,6 +76,10 @@ def plan(mirror: Path, keep: int | None) -> GcPlan:
             p.blocks_kept += 1
         elif f.is_file():
             p.other_files.append(f)
+    # Scratch directories of a dm-verity build that died with its publish.
+    for d in sorted(mirror.glob(".verity-tmp-*")):
+        p.other_files += sorted(f for f in d.rglob("*") if f.is_file())
+        p.scratch_dirs.append(d)
     for f in [*p.meta_files, *p.other_files]:
         with contextlib.suppress(FileNotFoundError):
             p.bytes_freed += f.stat().st_size
@@ -89,6 +98,8 @@ def collect(mirror: Path, keep: int | None = None, dry_run: bool = False) -> GcP
             syncfs(mirror)
         for f in p.other_files:
             f.unlink(missing_ok=True)
+        for d in p.scratch_dirs:
+            shutil.rmtree(d, ignore_errors=True)
         for d in (mirror / "blocks").glob("*"):
             if d.is_dir() and not any(d.iterdir()):
                 os.rmdir(d)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seedboot.agent import blocks, layout, profile, release, signature
+from seedboot.agent import verity as averity
 from seedboot.agent.errors import BlockInvalid, SeedError
 from seedboot.agent.fetch import fetch_many
 from seedboot.agent.index import Index, max_stored_len
@@ -121,6 +122,17 @@ def verify_release(
                 profile.parse(data, what=f"profile {file_of(location, ppath)}", nblocks=rel.index.nblocks)
         except SeedError as e:
             report.problems.append(e.message)
+    if meta.verity is not None:
+        vpath = averity.tree_path(name, meta.verity.tree)
+        try:
+            tree = reader.get(vpath)
+            if len(tree) != meta.verity.tree_size or hashlib.sha256(tree).hexdigest() != meta.verity.tree:
+                report.problems.append(
+                    f"dm-verity tree {meta.verity.tree}: does not match its signed digest or size: "
+                    f"{file_of(location, vpath)}"
+                )
+        except SeedError as e:
+            report.problems.append(f"dm-verity tree: {e.message}")
     refs = distinct_blocks(rel.index)
     bound = max_stored_len(rel.index.block_size)
     for path, got in iter_stored(location, (layout.block_path(d) for d in refs), conns, bound):
