@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.kernel_cmd",
     "seedboot.tools.proxy_cmd",
     "seedboot.tools.mkinitramfs_cmd",
+    "seedboot.tools.demoroot_cmd",
 )
 
 log = logging.getLogger("seedboot")
