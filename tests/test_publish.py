@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from seedboot.agent import blocks, layout, metadata, release
 from seedboot.agent import index as index_mod
 from seedboot.agent.reader import DirReader
 from seedboot.tools import keys, publish
-from tests.helpers import keypair, make_ext4, make_tree, sha256_file
+from tests.helpers import Nginx, keypair, make_ext4, make_tree, sha256_file
 
 SEEDBOOT = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "seedboot")
 
@@ -111,7 +112,9 @@ def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) ->
         assert n in r.stderr, r.stderr
 
 
-def test_cat_over_nginx_is_byte_identical(work: Path, published: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
+def test_cat_over_nginx_is_byte_identical(
+    work: Path, published: Path, tmp_path: Path, nginx: Callable[..., Nginx]
+) -> None:
     srv = nginx(published)
     out = tmp_path / "back.img"
     r = run_cli("cat", "--mirror", srv.url, "--name", "demo", "--pubkey", work / "k.pub", "--out", out)
@@ -126,7 +129,9 @@ def test_cat_over_nginx_is_byte_identical(work: Path, published: Path, tmp_path:
     assert r.returncode == 0 and "version 1 OK" in r.stdout, r.stderr
 
 
-def test_verify_names_each_bad_block(work: Path, published: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
+def test_verify_names_each_bad_block(
+    work: Path, published: Path, tmp_path: Path, nginx: Callable[..., Nginx]
+) -> None:
     mirror = copy_mirror(published, tmp_path / "m")
     files = sorted(p for p in (mirror / "blocks").rglob("*") if p.is_file())
     flipped, truncated, missing = files[0], files[1], files[2]
