@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -128,9 +129,13 @@ class Bench:
     @contextmanager
     def serving(self) -> Iterator[Nginx]:
         self.www.mkdir(parents=True, exist_ok=True)
-        link = self.www / "disk.img"
-        link.unlink(missing_ok=True)
-        link.symlink_to(self.work.image)
+        for name, target in (
+            ("disk.img", self.work.image),
+            ("mirror", seedboot_runs.mirror_dir(workload.BUILD)),
+        ):
+            link = self.www / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
         self.nginx = Nginx(root=self.www, workdir=self.out / "nginx").start()
         try:
             yield self.nginx
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    # A plain kill ends the run like Ctrl-C: QEMU, nbdkit and nginx are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown configuration(s) {', '.join(sorted(unknown))}")
         selected = [c for c in selected if c.key in keys or c.key == "a"]
-    out = args.out or workload.BUILD / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out or workload.BUILD / "results" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     say = progress_printer()

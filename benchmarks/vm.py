@@ -119,6 +119,8 @@ def boot(
     seen = threading.Event()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Written as lines arrive, so a slow or stuck boot can be watched with tail -f.
+    console = open(log_path, "w", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def reader() -> None:
         assert proc.stdout is not None
@@ -126,6 +128,7 @@ def boot(
             t = time.monotonic() - start
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             result.lines.append((t, line))
+            console.write(f"[{t:8.3f}] {line}\n")
             if on_line is not None:
                 on_line(t, line)
             if marker in line and result.seconds is None:
@@ -158,7 +161,7 @@ def boot(
         thread.join(5)
         result.exit_code = proc.returncode
         sock_path.unlink(missing_ok=True)
-        log_path.write_text("".join(f"[{t:8.3f}] {line}\n" for t, line in result.lines))
+        console.close()
     if result.error:
         tail = " / ".join(line for _, line in result.lines[-3:])
         result.error += f" (console: {tail}; full log {log_path})"
