@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from seedboot.agent import blocks, layout, metadata, release
+from seedboot.agent import blocks, layout, metadata, profile, release
 from seedboot.agent import index as index_mod
 from seedboot.agent.reader import DirReader
 from seedboot.tools import keys, publish
@@ -289,6 +289,8 @@ def test_bad_input_gives_one_line_and_damages_nothing(work: Path, published: Pat
     (mirror / "odd" / "meta" / "1.json").write_bytes(meta.to_json())
     (mirror / "odd" / "meta" / "1.json.minisig").write_text(keys.sign(sk, meta.to_json(), "odd"))
     (mirror / "odd" / "latest").write_text("1\n")
+    bad_profile = tmp_path / "bad.profile"
+    bad_profile.write_bytes(profile.encode([0, 1, 10**6]))
     before = snapshot(mirror)
     pub_args = ("--mirror", mirror, "--key", key)
     cases: list[tuple[tuple[str | Path, ...], tuple[str, ...]]] = [
@@ -298,6 +300,7 @@ def test_bad_input_gives_one_line_and_damages_nothing(work: Path, published: Pat
         (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--block-size", "3000"), ("block size",)),
         (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--expires", "soon"), ("duration",)),
         (("publish", work / "v1.ext4", "--name", "../x", *pub_args), ("invalid image name",)),
+        (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--profile", bad_profile), ("past the",)),
         (("verify", "--mirror", mirror, "--name", "nope", "--pubkey", pub), ("'nope' is not on mirror",)),
         (("verify", "--mirror", mirror, "--name", "demo", "--pubkey", other_pub), ("not trusted",)),
         (("verify", "--mirror", mirror, "--name", "demo", "--pubkey", pub, "--version", "9"), ("version 9",)),
@@ -313,3 +316,20 @@ def test_bad_input_gives_one_line_and_damages_nothing(work: Path, published: Pat
         assert snapshot(mirror) == before, args
     assert not (tmp_path / "o").exists()
     assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", pub).returncode == 0
+
+
+def test_profile_is_published_and_verified(work: Path, tmp_path: Path) -> None:
+    mirror = tmp_path / "m"
+    prof = tmp_path / "boot.profile"
+    prof.write_bytes(profile.encode([3, 0, 1, 200], times=[0.0, 0.1, 0.2, 0.3], nblocks=256))
+    res = publish.publish(
+        work / "v1.ext4", mirror, "demo", keys.load_secret_key(work / "k.key"), profile_file=prof
+    )
+    assert res.meta.profile == hashlib.sha256(prof.read_bytes()).hexdigest()
+    stored = mirror / layout.profile_path("demo", res.meta.profile)
+    assert stored.read_bytes() == prof.read_bytes()
+    r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+    assert r.returncode == 0, r.stderr
+    stored.write_bytes(prof.read_bytes() + b"7\n")
+    r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+    assert r.returncode == 1 and "profile" in r.stderr and str(stored) in r.stderr, r.stderr

@@ -56,6 +56,7 @@ def describe(mirror: Path, name: str) -> list[str]:
             f"compression {plain / referenced if referenced else 1:.2f}x, "
             f"dedup {referenced / stored if stored else 1:.2f}x"
             + (f", profile {m.profile[:12]}" if m.profile else "")
+            + (f", dm-verity root {m.verity.root_hash[:12]}" if m.verity else "")
         )
         if prev is not None:
             shared = len(prev & distinct.keys())
