@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +173,62 @@ def test_trust_boot_counter_then_measure(
         assert tpm.trust_boot(img_d(swtpm), 5, digest, log_path=log_path) == [
             f"no TPM ({tpm.DEFAULT_DEVICE} absent): image not measured, continuing"
         ]
+
+
+# --- in a QEMU guest: /dev/tpmrm0 backed by swtpm, the agent frozen as the miniroot carries it
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not (have("qemu-system-x86_64") and have("cpio")), reason="qemu/cpio missing")
+def test_guest_measures_and_refuses_replay(tmp_path: Path) -> None:
+    """The frozen agent in a guest, through the kernel's TPM driver and Debian's TSS libraries
+    (device TCTI): PCR 15 as sysfs shows it equals the extend computed here; the NV counter
+    survives a reboot and refuses an older version; without a TPM the agent says so."""
+    from tests import guest
+
+    image = guest.initrd(tmp_path / "initrd.img")
+    state = tmp_path / "tpmstate"
+    state.mkdir()
+
+    def boot_with_tpm(append: str) -> dict[str, str]:
+        sock = tmp_path / "swtpm.sock"
+        sw = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}", "--tpmstate", f"dir={state}",
+             "--flags", "startup-clear"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            return guest.boot(
+                image,
+                append,
+                qemu_args=(
+                    "-chardev", f"socket,id=chrtpm,path={sock}",
+                    "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                    "-device", "tpm-tis,tpmdev=tpm0",
+                ),
+            )  # fmt: skip
+        finally:
+            sw.terminate()
+            sw.wait(10)
+
+    d3 = hashlib.sha256(b"metadata v3").hexdigest()
+    first = boot_with_tpm("seedtest=tpm seedtest.version=3")
+    assert "TPM counter 0x" in first["SEEDTEST-NOTES"] and "started for demo at v3" in first["SEEDTEST-NOTES"]
+    assert "measured demo v3 into PCR 15" in first["SEEDTEST-NOTES"]
+    assert first["SEEDTEST-PCR15"] == hashlib.sha256(bytes(32) + bytes.fromhex(d3)).hexdigest()
+    event = json.loads(first["SEEDTEST-LOG"])
+    assert event["pcr"] == 15 and event["description"] == f"seedboot:demo:3:{d3}"
+
+    # A reboot (fresh PCRs, same NV): an older signed version is refused before any measurement.
+    second = boot_with_tpm("seedtest=tpm seedtest.version=2")
+    assert "version 2 is older than version 3 recorded in the TPM" in second["SEEDTEST-REFUSED"]
+    assert second["SEEDTEST-PCR15"] == "0" * 64
+
+    # No TPM at all: the boot goes on and says why nothing was measured.
+    none = guest.boot(image, "seedtest=tpm seedtest.version=3")
+    assert none["SEEDTEST-NOTES"] == "no TPM (/dev/tpmrm0 absent): image not measured, continuing"
+    assert none["SEEDTEST-PCR15"] == "none"

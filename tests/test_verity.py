@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -151,148 +150,28 @@ def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> Non
 # agent/verity.py builds, then the agent itself (frozen, as in the miniroot), which sets the
 # target up through the device-mapper ioctls (agent/dm.py) and reads the whole device.
 
-GUEST_MODULES = ("virtio_pci", "virtio_blk", "dm-verity")
-INIT = """#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp /usr/bin /usr/sbin /sbin
-/bin/busybox --install -s
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /modules.order); do insmod /mods/$m || echo "SEEDTEST insmod $m failed"; done
-for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] && break; sleep 0.2; done
-export DM_DISABLE_UDEV=1
-sh /setup.sh; echo "SEEDTEST-SETUP-RC=$?"
+REFERENCE = """export DM_DISABLE_UDEV=1
+{setup}
+echo "SEEDTEST-SETUP-RC=$?"
 sha256sum /dev/mapper/ref > /tmp/sum; echo "SEEDTEST-READ-RC=$?"
 echo "SEEDTEST-SHA=$(cut -d' ' -f1 /tmp/sum)"
 echo "SEEDTEST-STATUS=$(dmsetup status ref)"
 dmsetup remove ref
-/opt/seedboot/seedboot-agent
-poweroff -f
 """
-# The frozen test agent's entry point: the agent's own dm-verity setup, then a full read.
-AGENT_MAIN = """
-def main() -> int:
-    import hashlib
-    import json
-
-    from seedboot.agent import metadata, verity
-
-    v = metadata.Verity(**json.load(open("/verity.json")))
-    dev = verity.setup(v, "/dev/vda", "/dev/vdb")
-    print(f"SEEDTEST-AGENT-DEV={dev}")
-    h = hashlib.sha256()
-    try:
-        with open(dev, "rb", buffering=0) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        print(f"SEEDTEST-AGENT-SHA={h.hexdigest()}")
-    except OSError as e:
-        print(f"SEEDTEST-AGENT-READ-ERRNO={e.errno}")
-    print(f"SEEDTEST-AGENT-STATUS={verity.status()}")
-    return 0
-"""
-
-
-def _module_closure(kdir: Path, names: tuple[str, ...]) -> list[Path]:
-    """Module files for NAMES and their dependencies, dependencies first (from modules.dep)."""
-    version = (kdir / "kernel-version").read_text().strip()
-    mods = kdir / "lib" / "modules" / version
-    deps: dict[str, list[str]] = {}
-    for line in (mods / "modules.dep").read_text().splitlines():
-        mod, _, rest = line.partition(":")
-        deps[mod] = rest.split()
-    by_name = {Path(m).name.split(".ko")[0].replace("_", "-"): m for m in deps}
-    order: list[str] = []
-
-    def add(rel: str) -> None:
-        for d in deps[rel]:
-            add(d)
-        if rel not in order:
-            order.append(rel)
-
-    for n in names:
-        add(by_name[n.replace("_", "-")])
-    return [mods / r for r in order]
-
-
-def _copy_with_libs(exe: Path, stage: Path, dest: str) -> None:
-    import shutil
-
-    shutil.copy(exe, stage / dest)
-    ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, check=True).stdout
-    for lib in [w for w in ldd.split() if w.startswith("/")]:
-        target = stage / lib.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(lib).resolve(), target)
-
-
-def _guest_initrd(kdir: Path, out: Path, runtime: Path, v: metadata.Verity, setup: list[list[str]]) -> Path:
-    import dataclasses
-    import shlex
-    import shutil
-
-    stage = out.parent / "stage"
-    for sub in ("bin", "mods", "lib64", "usr/sbin", "opt"):
-        (stage / sub).mkdir(parents=True, exist_ok=True)
-    busybox = shutil.which("busybox")
-    assert busybox is not None
-    shutil.copy(busybox, stage / "bin" / "busybox")
-    mods = _module_closure(kdir, GUEST_MODULES)
-    for m in mods:
-        shutil.copy(m, stage / "mods" / m.name)
-    (stage / "modules.order").write_text("\n".join(m.name for m in mods) + "\n")
-    _copy_with_libs(Path(shutil.which("dmsetup") or "/usr/sbin/dmsetup"), stage, "usr/sbin/dmsetup")
-    shutil.copytree(runtime, stage / "opt" / "seedboot", symlinks=True)
-    (stage / "init").write_text(INIT)
-    (stage / "init").chmod(0o755)
-    (stage / "setup.sh").write_text("\n".join(shlex.join(c) for c in setup) + "\n")
-    (stage / "verity.json").write_text(json.dumps(dataclasses.asdict(v)))
-    files = subprocess.run(["find", "."], cwd=stage, capture_output=True, text=True, check=True).stdout
-    archive = subprocess.run(
-        ["cpio", "-o", "-H", "newc", "--quiet"],
-        cwd=stage,
-        input=files.encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
-    out.write_bytes(
-        subprocess.run(["zstd", "-3", "-T0"], input=archive, capture_output=True, check=True).stdout
-    )
-    return out
-
-
-def _boot(kdir: Path, initrd: Path, data: Path, tree: Path) -> dict[str, str]:
-    cmd = [
-        "qemu-system-x86_64", "-m", "384", "-smp", "1", "-nographic", "-no-reboot",
-        "-kernel", str(kdir / "vmlinuz"), "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=-1 quiet", "-nic", "none",
-        "-drive", f"file={data},if=virtio,format=raw,snapshot=on",
-        "-drive", f"file={tree},if=virtio,format=raw,snapshot=on",
-    ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    out = {}
-    for m in re.finditer(r"(SEEDTEST-[A-Z-]+)=([^\r\n]*)", r.stdout):
-        out[m.group(1)] = m.group(2).strip()
-    assert "SEEDTEST-AGENT-STATUS" in out, r.stdout[-3000:]
-    return out
 
 
 @pytest.mark.qemu
 @pytest.mark.skipif(
     not (have("qemu-system-x86_64") and have("dmsetup") and have("cpio")), reason="qemu/dmsetup/cpio"
 )
-def test_kernel_dm_verity_catches_a_flipped_byte(work: Path, tmp_path: Path) -> None:
+def test_kernel_dm_verity_catches_a_flipped_byte(tmp_path: Path) -> None:
     """The table agent/verity.py builds, loaded by a real kernel, by dmsetup and by the agent's
     own ioctls: intact reads pass bit-exact, one flipped byte in the data disk is an I/O error
     (never bad data), and the target says 'C'."""
-    import shutil
+    import dataclasses
+    import shlex
 
-    from seedboot.tools import freeze, kernel
-
-    kdir = Path(__file__).resolve().parents[1] / "build" / "test-artifacts" / "kernel"
-    kernel.fetch(kdir)
-    agent_src = tmp_path / "agent"
-    shutil.copytree(freeze.AGENT_SRC, agent_src, ignore=shutil.ignore_patterns("__pycache__"))
-    (agent_src / "main.py").write_text(AGENT_MAIN)
-    runtime = freeze.freeze(tmp_path / "runtime", agent_src).root
+    from tests import guest
 
     data = tmp_path / "data.img"
     data.write_bytes(os.urandom(4 * 1024 * 1024))
@@ -300,18 +179,24 @@ def test_kernel_dm_verity_catches_a_flipped_byte(work: Path, tmp_path: Path) -> 
     tree = tmp_path / "m" / averity.tree_path("demo", v.tree)
     tree_disk = tmp_path / "tree.img"  # a block device's size is whole sectors
     tree_disk.write_bytes(tree.read_bytes().ljust(-(-v.tree_size // 512) * 512, b"\0"))
-    setup = averity.setup_commands(v, "/dev/vda", "/dev/vdb", name="ref")
-    initrd = _guest_initrd(kdir, tmp_path / "initrd.img", runtime, v, setup)
+    setup = " && ".join(shlex.join(c) for c in averity.setup_commands(v, "/dev/vda", "/dev/vdb", name="ref"))
+    initrd = guest.initrd(
+        tmp_path / "initrd.img",
+        modules=("virtio_pci", "virtio_blk", "dm-verity"),
+        files={"verity.json": json.dumps(dataclasses.asdict(v))},
+        before=REFERENCE.format(setup=setup),
+        dmsetup=True,
+    )
 
     want = hashlib.sha256(data.read_bytes()).hexdigest()
-    ok = _boot(kdir, initrd, data, tree_disk)
+    ok = guest.boot(initrd, "seedtest=verity", (data, tree_disk))
     assert ok["SEEDTEST-SETUP-RC"] == "0" and ok["SEEDTEST-READ-RC"] == "0"
     assert ok["SEEDTEST-SHA"] == want and ok["SEEDTEST-STATUS"].split()[-1] == "V"
     assert ok["SEEDTEST-AGENT-DEV"].startswith("/dev/dm-")
     assert ok["SEEDTEST-AGENT-SHA"] == want and ok["SEEDTEST-AGENT-STATUS"] == "V"
 
     flip(data, 3 * 1024 * 1024 + 5)
-    bad = _boot(kdir, initrd, data, tree_disk)
+    bad = guest.boot(initrd, "seedtest=verity", (data, tree_disk))
     assert bad["SEEDTEST-SETUP-RC"] == "0"
     assert bad["SEEDTEST-READ-RC"] != "0"  # EIO, not the altered bytes
     assert bad["SEEDTEST-STATUS"].split()[-1] == "C"
