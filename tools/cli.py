@@ -18,15 +18,17 @@ from seedboot.agent.errors import SeedError
 COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.keygen_cmd",
     "seedboot.tools.keys_cmd",
-    "seedboot.tools.info_cmd",
-    "seedboot.tools.gc_cmd",
+    "seedboot.tools.publish_cmd",
     "seedboot.tools.verify_cmd",
     "seedboot.tools.cat_cmd",
-    "seedboot.tools.publish_cmd",
+    "seedboot.tools.info_cmd",
+    "seedboot.tools.gc_cmd",
     "seedboot.tools.kernel_cmd",
-    "seedboot.tools.proxy_cmd",
     "seedboot.tools.mkinitramfs_cmd",
     "seedboot.tools.demoroot_cmd",
+    "seedboot.tools.proxy_cmd",
+    "seedboot.tools.mkseed_cmd",
+    "seedboot.agent.mount_cmd",
 )
 
 log = logging.getLogger("seedboot")

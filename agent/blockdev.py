@@ -1,0 +1,470 @@
+"""The block device: image blocks from memory, the cache or the mirrors, always verified.
+
+``BlockDevice.request(b, prio, done)`` delivers the plain bytes of block ``b`` to
+``done(plain, error)`` from some thread, once. In order:
+
+1. a hole is zeros;
+2. a block in the small in-memory LRU of plain blocks is served at once;
+3. a block someone already asked for joins that request (one fetch per digest);
+4. a cached block is read on an I/O thread, verified the first time this mount reads it
+   (a bad file is dropped and fetched again), decompressed;
+5. anything else goes to the fetcher; when it arrives verified, it is handed to the reader
+   and written to the cache by a writer thread.
+
+With no fetcher (``--offline``) step 5 fails the read and logs which block and why.
+
+Also here: sequential read-ahead (``ReadAhead``), profile/all prefetch (``Prefetcher``),
+first-read trace (``Recorder``) and the status snapshot.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from seedboot.agent import blocks
+from seedboot.agent import profile as profilemod
+from seedboot.agent.atomic import write_atomic
+from seedboot.agent.cache import BlockCache
+from seedboot.agent.errors import BlockInvalid
+from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
+from seedboot.agent.index import Index
+from seedboot.agent.mirrors import MirrorSet
+
+log = logging.getLogger(__name__)
+
+# done(plain, error): plain is None exactly when error says why
+Deliver = Callable[[bytes | None, str], None]
+
+# In-flight writes to the cache, beyond which verification (and so fetching) waits: this
+# bounds the memory a fast mirror and a slow disk can pile up.
+MAX_PENDING_WRITES = 16
+
+
+@dataclass
+class Counters:
+    reads: int = 0
+    read_bytes: int = 0
+    from_memory: int = 0
+    from_cache: int = 0
+    fetched: int = 0
+    readahead: int = 0
+    prefetched: int = 0
+    fetched_bytes: int = 0
+    errors: int = 0
+    cache_dropped: int = 0
+
+
+@dataclass
+class _Pending:
+    callbacks: list[Deliver]
+    prio: int
+    keep: bool
+    job: Job | None = None
+
+
+@dataclass
+class Throughput:
+    """Bytes fetched over a sliding window, and since the start."""
+
+    window: float = 5.0
+    t0: float = field(default_factory=time.monotonic)
+    samples: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    total: int = 0
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self.total += n
+        self.samples.append((now, n))
+        while self.samples and self.samples[0][0] < now - self.window:
+            self.samples.popleft()
+
+    def current(self) -> float:
+        now = time.monotonic()
+        recent = sum(n for t, n in self.samples if t >= now - self.window)
+        return recent / self.window
+
+    def average(self) -> float:
+        return self.total / max(time.monotonic() - self.t0, 1e-3)
+
+
+class BlockDevice:
+    def __init__(
+        self,
+        index: Index,
+        cache: BlockCache,
+        fetcher: Fetcher | None,
+        memory_blocks: int = 48,
+        io_threads: int = 2,
+        write_threads: int = 2,
+    ) -> None:
+        self.index = index
+        self.cache = cache
+        self.fetcher = fetcher
+        self.lock = threading.Lock()
+        self.plain: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self.memory_blocks = memory_blocks
+        self.pending: dict[str, _Pending] = {}
+        self.verified: set[str] = set()
+        self.counters = Counters()
+        self.throughput = Throughput()
+        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-read")
+        self.write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="cache-write")
+        self.write_slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self.zero = bytes(index.block_size)
+        self.started = time.monotonic()
+        cache.pinned = self._pinned
+
+    def close(self) -> None:
+        self.io_pool.shutdown(wait=True, cancel_futures=True)
+        self.write_pool.shutdown(wait=True)
+
+    def _pinned(self, digest: str) -> bool:
+        with self.lock:
+            return digest in self.pending
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def is_local(self, b: int) -> bool:
+        """True if block b needs no network: a hole, in memory, or in the cache."""
+        if self.index.is_hole(b):
+            return True
+        d = self.index.digest_hex(b)
+        with self.lock:
+            if d in self.plain:
+                return True
+        return self.cache.has(d)
+
+    def memory(self, b: int) -> bytes | None:
+        """The plain bytes of b if no I/O is needed (hole or in memory)."""
+        if self.index.is_hole(b):
+            return self.zero[: self.index.plain_len(b)]
+        d = self.index.digest_hex(b)
+        with self.lock:
+            plain = self.plain.get(d)
+            if plain is not None:
+                self.plain.move_to_end(d)
+                self.counters.from_memory += 1
+            return plain
+
+    def request(self, b: int, prio: int, done: Deliver, keep: bool = True) -> None:
+        plain = self.memory(b)
+        if plain is not None:
+            done(plain, "")
+            return
+        d = self.index.digest_hex(b)
+        with self.lock:
+            p = self.pending.get(d)
+            if p is not None:
+                p.callbacks.append(done)
+                p.keep = p.keep or keep
+                if prio < p.prio:
+                    p.prio = prio
+                    if p.job is not None and self.fetcher is not None:
+                        self.fetcher.raise_priority(p.job, prio)
+                return
+            self.pending[d] = _Pending([done], prio, keep)
+        if self.cache.has(d):
+            self.io_pool.submit(self._load, b, d)
+        else:
+            self._fetch(b, d)
+
+    def _load(self, b: int, d: str) -> None:
+        stored = self.cache.read(d)
+        if stored is None:
+            self._fetch(b, d)
+            return
+        what = f"block {b}"
+        try:
+            if d in self.verified:
+                plain = zstandard.ZstdDecompressor().decompress(
+                    stored, max_output_size=self.index.plain_len(b)
+                )
+            else:
+                plain = blocks.verify(stored, d, self.index.lengths[b], self.index.plain_len(b), what)
+                self.verified.add(d)
+                self.cache.touch(d)
+        except (BlockInvalid, zstandard.ZstdError) as e:
+            self.counters.cache_dropped += 1
+            self.verified.discard(d)
+            self.cache.drop(d, f"cached copy of {what} is bad: {e}")
+            self._fetch(b, d)
+            return
+        with self.lock:
+            self.counters.from_cache += 1
+        self._deliver(d, plain, "")
+
+    def _fetch(self, b: int, d: str) -> None:
+        if self.fetcher is None:
+            why = f"block {b} ({d[:16]}) is not in the cache and --offline is set"
+            log.error("read failed: %s", why)
+            self._deliver(d, None, why)
+            return
+        with self.lock:
+            prio = self.pending[d].prio
+
+        def fetched(plain: bytes | None, stored: bytes | None, error: str) -> None:
+            if plain is None or stored is None:
+                self._deliver(d, None, f"block {b} ({d[:16]}): {error}")
+                return
+            self.verified.add(d)
+            with self.lock:
+                p = self.pending.get(d)
+                kind = p.prio if p else PREFETCH
+                if kind == DEMAND:
+                    self.counters.fetched += 1
+                elif kind == READAHEAD:
+                    self.counters.readahead += 1
+                else:
+                    self.counters.prefetched += 1
+                self.counters.fetched_bytes += len(stored)
+                self.throughput.add(len(stored))
+            self.write_slots.acquire()
+            self.write_pool.submit(self._write, d, stored)
+            self._deliver(d, plain, "")
+
+        job = self.fetcher.submit(
+            d, self.index.lengths[b], self.index.plain_len(b), f"block {b}", prio, fetched
+        )
+        with self.lock:
+            p = self.pending.get(d)
+            if p is not None:
+                p.job = job
+
+    def _write(self, d: str, stored: bytes) -> None:
+        try:
+            self.cache.put(d, stored)
+        finally:
+            self.write_slots.release()
+
+    def _deliver(self, d: str, plain: bytes | None, error: str) -> None:
+        with self.lock:
+            p = self.pending.pop(d, None)
+            if p is None:
+                return
+            if plain is not None and p.keep:
+                self.plain[d] = plain
+                while len(self.plain) > self.memory_blocks:
+                    self.plain.popitem(last=False)
+            if plain is None:
+                self.counters.errors += 1
+        for cb in p.callbacks:
+            try:
+                cb(plain, error)
+            except Exception:
+                log.exception("delivering block %s", d[:16])
+
+    def wait_block(
+        self, b: int, prio: int = DEMAND, keep: bool = True, timeout: float | None = None
+    ) -> bytes:
+        """Blocking form of ``request`` for threads (tests, tools); raises OSError(EIO)."""
+        ev = threading.Event()
+        box: list[tuple[bytes | None, str]] = []
+
+        def done(plain: bytes | None, error: str) -> None:
+            box.append((plain, error))
+            ev.set()
+
+        self.request(b, prio, done, keep)
+        if not ev.wait(timeout):
+            raise TimeoutError(f"block {b}")
+        plain, error = box[0]
+        if plain is None:
+            raise OSError(5, error)
+        return plain
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            c = vars(self.counters).copy()
+            pending = len(self.pending)
+            memory = len(self.plain)
+        use = self.cache.use()
+        return {
+            "counters": c,
+            "pending": pending,
+            "memory_blocks": memory,
+            "throughput_current": self.throughput.current(),
+            "throughput_average": self.throughput.average(),
+            "cache": vars(use),
+        }
+
+
+class ReadAhead:
+    """Sequential read detection: after a few consecutive blocks, keep ``window`` blocks
+    requested ahead of the reader (from the cache or the mirrors, into memory)."""
+
+    def __init__(self, dev: BlockDevice, window: int) -> None:
+        self.dev = dev
+        self.window = window
+        self.last = -2
+        self.streak = 0
+        self.next = 0
+
+    def note(self, first: int, last: int) -> None:
+        if first in (self.last, self.last + 1):
+            self.streak += 1
+        elif not (self.last < first <= self.next):
+            self.streak = 0
+            self.next = last + 1
+        self.last = last
+        if self.streak < 2 or self.window <= 0:
+            return
+        self.next = max(self.next, last + 1)
+        end = min(last + 1 + self.window, self.dev.index.nblocks)
+        while self.next < end:
+            b = self.next
+            self.next += 1
+            if self.dev.index.is_hole(b):
+                continue
+            self.dev.request(b, READAHEAD, _ignore)
+
+
+def _ignore(plain: bytes | None, error: str) -> None:
+    pass
+
+
+class Prefetcher:
+    """Fetch a list of blocks in order into the cache, ``depth`` at a time, in the background."""
+
+    def __init__(self, dev: BlockDevice, order: Iterable[int], depth: int, what: str) -> None:
+        self.dev = dev
+        self.order = list(order)
+        self.depth = max(1, depth)
+        self.what = what
+        self.slots = threading.Semaphore(self.depth)
+        self.stopping = False
+        self.done = 0
+        self.failed = 0
+        self.total = len(self.order)
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def start(self) -> Prefetcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        idx = self.dev.index
+        log.info("prefetch (%s): %d blocks, %d in flight", self.what, self.total, self.depth)
+        outstanding = threading.Semaphore(0)
+        issued = 0
+        seen: set[str] = set()
+        for b in self.order:
+            if self.stopping:
+                break
+            if idx.is_hole(b):
+                self.done += 1
+                continue
+            d = idx.digest_hex(b)
+            if d in seen or self.dev.is_local(b):
+                self.done += 1
+                continue
+            seen.add(d)
+            self.slots.acquire()
+            issued += 1
+
+            def done(plain: bytes | None, error: str) -> None:
+                if plain is None:
+                    self.failed += 1
+                self.done += 1
+                self.slots.release()
+                outstanding.release()
+
+            self.dev.request(b, PREFETCH, done, keep=False)
+        for _ in range(issued):
+            if self.stopping:
+                break
+            outstanding.acquire()
+        dt = time.monotonic() - t0
+        log.info(
+            "prefetch (%s) %s: %d blocks in %.1fs, %d failed",
+            self.what,
+            "stopped" if self.stopping else "complete",
+            self.done,
+            dt,
+            self.failed,
+        )
+        self.finished.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "complete": self.finished.is_set(),
+        }
+
+
+class Recorder:
+    """The order in which blocks are first read, written atomically every ``interval`` seconds
+    while it changes, and at the end."""
+
+    def __init__(self, path: Path, nblocks: int, interval: float = 2.0) -> None:
+        self.path = path
+        self.nblocks = nblocks
+        self.interval = interval
+        self.t0 = time.monotonic()
+        self.blocks: list[int] = []
+        self.times: list[float] = []
+        self.seen: set[int] = set()
+        self.written = 0
+        self.lock = threading.Lock()
+        self.stop_ev = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+
+    def start(self) -> Recorder:
+        self.thread.start()
+        return self
+
+    def note(self, first: int, last: int) -> None:
+        if first in self.seen and last in self.seen:
+            return
+        t = time.monotonic() - self.t0
+        with self.lock:
+            for b in range(first, last + 1):
+                if b not in self.seen:
+                    self.seen.add(b)
+                    self.blocks.append(b)
+                    self.times.append(t)
+
+    def flush(self) -> None:
+        with self.lock:
+            if len(self.blocks) == self.written:
+                return
+            blocks_, times = list(self.blocks), list(self.times)
+        write_atomic(self.path, profilemod.encode(blocks_, times, nblocks=self.nblocks))
+        self.written = len(blocks_)
+
+    def _run(self) -> None:
+        while not self.stop_ev.wait(self.interval):
+            try:
+                self.flush()
+            except OSError as e:
+                log.warning("cannot write trace %s: %s", self.path, e.strerror)
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        self.thread.join(5)
+        self.flush()
+        log.info("trace: %d blocks written to %s", self.written, self.path)
+
+
+def mirrors_status(ms: MirrorSet | None) -> list[dict[str, object]]:
+    if ms is None:
+        return []
+    return [m.to_json() for m in ms.order()]

@@ -1,0 +1,206 @@
+"""The block cache: a directory laid out like a mirror, so it can be served as one.
+
+    DIR/blocks/ab/<digest>        stored (zstd) bytes, exactly as on a mirror
+    DIR/NAME/meta, index, ...     the verified release files (``release.save_release``)
+    DIR/.trust/state.json         the newest versions accepted (rollback.py)
+
+A block file only ever appears complete: it is written to a temporary name, fsynced and
+renamed. The directory is not fsynced: after a power loss a block may be missing, which
+costs one refetch, never a wrong byte. A stale temporary file from a crash is removed at
+open. Whatever is on disk is verified against the index the first time a mount reads it,
+so even a damaged file is caught and dropped, not served.
+
+Eviction is by watermark: above the high mark (``--cache-max``, or 90% of the cache's
+filesystem) the least recently used blocks go until the cache is under the low mark (75% of
+either), skipping the blocks someone is waiting on (``pinned``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from seedboot.agent import layout
+from seedboot.agent.errors import SeedError
+
+log = logging.getLogger(__name__)
+
+HIGH = 0.90
+LOW = 0.75
+
+
+@dataclass
+class CacheUse:
+    blocks: int
+    bytes: int
+    limit: int | None
+    fs_total: int
+    fs_used: int
+    evicted: int
+
+
+def _write_block(path: Path, data: bytes) -> None:
+    """temp + fsync + rename, the temp name unique per thread (several writers run at once)."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+class BlockCache:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        # digest -> stored size, least recently used first
+        self.lru: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.total = 0
+        self.evicted = 0
+        self.pinned: Callable[[str], bool] = lambda d: False
+        try:
+            (root / "blocks").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SeedError(f"cannot create cache directory {root}: {e.strerror}", "check --cache") from e
+        self._scan()
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        stale = 0
+        for sub in os.scandir(self.root / "blocks"):
+            if not sub.is_dir():
+                continue
+            for ent in os.scandir(sub.path):
+                if ent.name.startswith("."):
+                    # a temporary file left by a crash mid-write
+                    os.unlink(ent.path)
+                    stale += 1
+                    continue
+                st = ent.stat()
+                found.append((st.st_mtime, ent.name, st.st_size))
+        found.sort()
+        for _, d, size in found:
+            self.lru[d] = size
+            self.total += size
+        log.info(
+            "cache %s: %d blocks, %.1f MB%s",
+            self.root,
+            len(self.lru),
+            self.total / 1e6,
+            f", removed {stale} partial writes" if stale else "",
+        )
+
+    def path(self, digest: str) -> Path:
+        return self.root / layout.block_path(digest)
+
+    def has(self, digest: str) -> bool:
+        with self.lock:
+            return digest in self.lru
+
+    def read(self, digest: str) -> bytes | None:
+        """The stored bytes, or None if not cached. The caller verifies them."""
+        with self.lock:
+            if digest not in self.lru:
+                return None
+            self.lru.move_to_end(digest)
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+
+    def touch(self, digest: str) -> None:
+        """Record a use on disk too, so the LRU order survives a restart."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(digest))
+
+    def drop(self, digest: str, why: str) -> None:
+        log.warning("cache: dropping block %s: %s", digest[:16], why)
+        with contextlib.suppress(FileNotFoundError):
+            self.path(digest).unlink()
+        self._forget(digest)
+
+    def _forget(self, digest: str) -> None:
+        with self.lock:
+            size = self.lru.pop(digest, None)
+            if size is not None:
+                self.total -= size
+
+    def put(self, digest: str, stored: bytes) -> None:
+        with self.lock:
+            if digest in self.lru:
+                return
+        # no directory fsync: see the module docstring
+        try:
+            _write_block(self.path(digest), stored)
+        except OSError as e:
+            log.warning("cache: cannot write block %s: %s", digest[:16], e.strerror)
+            self.evict(force=True)
+            return
+        with self.lock:
+            if digest not in self.lru:
+                self.lru[digest] = len(stored)
+                self.total += len(stored)
+        self.evict()
+
+    def _fs(self) -> tuple[int, int]:
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        return total, total - st.f_bavail * st.f_frsize
+
+    def _to_free(self, force: bool) -> int:
+        if self.max_bytes is not None:
+            if self.total > self.max_bytes or force:
+                return self.total - int(self.max_bytes * LOW)
+            return 0
+        fs_total, fs_used = self._fs()
+        if fs_used > fs_total * HIGH or force:
+            return fs_used - int(fs_total * LOW)
+        return 0
+
+    def evict(self, force: bool = False) -> None:
+        need = self._to_free(force)
+        if need <= 0:
+            return
+        freed = 0
+        victims: list[str] = []
+        with self.lock:
+            for d, size in self.lru.items():
+                if freed >= need:
+                    break
+                if self.pinned(d):
+                    continue
+                victims.append(d)
+                freed += size
+            for d in victims:
+                self.total -= self.lru.pop(d)
+        for d in victims:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(d).unlink()
+        self.evicted += len(victims)
+        log.info(
+            "cache: evicted %d blocks (%.1f MB), %.1f MB left", len(victims), freed / 1e6, self.total / 1e6
+        )
+
+    def use(self) -> CacheUse:
+        fs_total, fs_used = self._fs()
+        with self.lock:
+            return CacheUse(len(self.lru), self.total, self.max_bytes, fs_total, fs_used, self.evicted)

@@ -1,0 +1,470 @@
+"""Assemble and run the block device daemon: trust, cache, fetcher, FUSE, background start.
+
+``serve(opts)`` runs in the foreground until the mount goes away. ``spawn(opts)`` starts the
+daemon as a child (re-executing this program with ``--foreground --ready-fd N`` and the
+requested argv[0]) and returns once the mount answers reads, or raises the child's error.
+
+argv[0]: systemd spares processes whose argv[0] starts with ``@`` at switch-root and
+shutdown (the root-storage-daemon convention); it reads /proc/PID/cmdline, so the daemon is
+exec'ed with that argv[0]. A frozen agent (``sys.executable`` is ``seedboot-agent``) finds
+its runtime through /proc/self/exe and takes the subcommand directly; a venv Python is run
+as ``python -m seedboot.agent.mount_cmd`` with PYTHONEXECUTABLE so that it still finds its
+prefix although argv[0] is not its path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seedboot.agent import layout
+from seedboot.agent import profile as profilemod
+from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder, mirrors_status
+from seedboot.agent.cache import BlockCache
+from seedboot.agent.errors import SeedError
+from seedboot.agent.fetcher import Fetcher
+from seedboot.agent.mirrors import MirrorSet, probe
+from seedboot.agent.reader import DirReader, HttpReader, NotFound
+from seedboot.agent.release import Release, load_keys, open_release, save_release
+from seedboot.agent.rollback import RollbackRefused
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD_KB = 1024
+READY_TIMEOUT = 180.0
+
+
+@dataclass
+class MountOptions:
+    mountpoint: Path
+    name: str
+    pubkeys: list[Path]
+    cache: Path
+    mirrors: list[str] = field(default_factory=list)
+    version: int | None = None
+    prefetch: str = "profile"
+    conns: int = 32
+    offline: bool = False
+    record: Path | None = None
+    cache_max: int | None = None
+    probe: bool = True
+    cached_release: bool = False
+    expiry_tolerance: int = 0
+    log: Path | None = None
+    argv0: str | None = None
+
+    def to_argv(self) -> list[str]:
+        """The mount subcommand's arguments that reproduce these options."""
+        a = ["mount", "--name", self.name, "--cache", str(self.cache), "--prefetch", self.prefetch]
+        for m in self.mirrors:
+            a += ["--mirror", m]
+        for k in self.pubkeys:
+            a += ["--pubkey", str(k)]
+        a += ["--conns", str(self.conns), "--expiry-tolerance", str(self.expiry_tolerance)]
+        if self.version is not None:
+            a += ["--version", str(self.version)]
+        if self.offline:
+            a.append("--offline")
+        if self.record is not None:
+            a += ["--record", str(self.record)]
+        if self.cache_max is not None:
+            a += ["--cache-max", str(self.cache_max)]
+        if not self.probe:
+            a.append("--no-probe")
+        if self.cached_release:
+            a.append("--cached-release")
+        if self.log is not None:
+            a += ["--log", str(self.log)]
+        if self.argv0 is not None:
+            a += ["--argv0", self.argv0]
+        return [*a, str(self.mountpoint)]
+
+
+# -- trust ---------------------------------------------------------------------------------
+
+
+def _cached_latest(cache: Path, name: str) -> int:
+    try:
+        text = (cache / layout.latest_path(name)).read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if not text.isdigit():
+        raise SeedError(
+            f"no verified release of {name!r} in cache {cache}",
+            "mount once online first (without --offline / --cached-release)",
+        )
+    return int(text)
+
+
+def open_trusted(opts: MountOptions, cache: BlockCache) -> tuple[Release, MirrorSet | None]:
+    keys = load_keys(opts.pubkeys)
+    mirrors: MirrorSet | None = None
+    if not opts.offline:
+        if not opts.mirrors:
+            raise SeedError("no mirror given", "pass --mirror URL (or --offline to use the cache only)")
+        if opts.probe and len(opts.mirrors) > 1:
+            mirrors = probe(opts.mirrors, layout.latest_path(opts.name))
+        else:
+            mirrors = MirrorSet.from_urls(opts.mirrors)
+    if opts.offline or opts.cached_release:
+        version = opts.version if opts.version is not None else _cached_latest(opts.cache, opts.name)
+        try:
+            # the signature is checked again here: the cache is only a place, not a trust anchor
+            rel = open_release(DirReader(opts.cache), opts.name, keys, version, **_trust_args(opts))
+        except NotFound as e:
+            raise SeedError(
+                f"version {version} of {opts.name!r} is not in cache {opts.cache}",
+                "mount once online first, or pick a cached --version",
+            ) from e
+    else:
+        assert mirrors is not None
+        rel = _open_from_mirrors(opts, mirrors, keys)
+    if not (opts.offline or opts.cached_release):
+        save_release(opts.cache, rel)
+    return rel, mirrors
+
+
+def _trust_args(opts: MountOptions) -> dict[str, Any]:
+    # Rollback protection lives in the cache (rollback.py): an older version than seen is
+    # refused unless --version names it; the cache's keys statement covers offline mounts.
+    return {
+        "tolerance": opts.expiry_tolerance,
+        "state_dir": opts.cache,
+        "allow_older": opts.version is not None,
+        "keys_fallback": DirReader(opts.cache),
+    }
+
+
+def _open_from_mirrors(opts: MountOptions, mirrors: MirrorSet, keys: list[Any]) -> Release:
+    errors: list[str] = []
+    for m in mirrors.order():
+        try:
+            return open_release(HttpReader(m.url), opts.name, keys, opts.version, **_trust_args(opts))
+        except RollbackRefused:
+            raise
+        except SeedError as e:
+            errors.append(f"{m.url}: {e.message}")
+            mirrors.failed(m, e.message)
+    raise SeedError(
+        f"no mirror delivered a verified release of {opts.name!r}: " + "; ".join(errors),
+        "check --mirror, --name and --pubkey",
+    )
+
+
+def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[int] | None:
+    digest = rel.meta.profile
+    if digest is None:
+        log.info("prefetch: %s v%d has no published profile", rel.meta.name, rel.meta.version)
+        return None
+    path = layout.profile_path(rel.meta.name, digest)
+    sources: list[Any] = [DirReader(cache)]
+    if mirrors is not None:
+        sources += [HttpReader(m.url) for m in mirrors.order()]
+    for src in sources:
+        try:
+            data = src.get(path)
+        except SeedError:
+            continue
+        if hashlib.sha256(data).hexdigest() != digest:
+            log.warning("profile %s from %s does not match its signed digest", digest[:12], src.location)
+            continue
+        blocks_ = profilemod.parse(data, f"profile {digest[:12]}", nblocks=rel.index.nblocks)
+        if not isinstance(src, DirReader):
+            from seedboot.agent.atomic import write_atomic
+
+            write_atomic(cache / path, data)
+        return blocks_
+    log.warning("prefetch: profile %s not found on any mirror; prefetch off", digest[:12])
+    return None
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+def _bound_memory() -> None:
+    """Block buffers (~256 KiB) come and go all the time. glibc would raise its mmap threshold
+    after the first free and then keep them in per-thread arenas that only grow; a fixed
+    threshold and two arenas hand the memory back to the system."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def _protect() -> None:
+    try:
+        Path("/proc/self/oom_score_adj").write_text("-1000\n")
+    except OSError as e:
+        log.info("cannot set oom_score_adj: %s", e.strerror)
+
+
+def _mount_dev(mountpoint: Path) -> str | None:
+    """major:minor of the mount at mountpoint (resolved before mounting: once mounted, any stat
+    of it would ask this very process, whose FUSE loop is not running yet), from mountinfo."""
+    target = str(mountpoint)
+    dev = None
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            f = line.split()
+            mp = f[4].encode().decode("unicode_escape")
+            if mp == target:
+                dev = f[2]
+    except OSError:
+        return None
+    return dev
+
+
+def _tune_read_ahead(mountpoint: Path) -> None:
+    dev = _mount_dev(mountpoint)
+    if dev is None:
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+        log.info("FUSE read-ahead set to %d KiB (bdi %s)", READ_AHEAD_KB, dev)
+    except OSError as e:
+        log.info("cannot set read_ahead_kb for bdi %s: %s", dev, e.strerror)
+
+
+def _rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
+    import pyfuse3
+    import trio
+
+    from seedboot.agent.fusefs import SeedFS
+
+    if not opts.mountpoint.is_dir():
+        raise SeedError(f"mount point {opts.mountpoint} is not a directory", "mkdir it first")
+    mountpoint = opts.mountpoint.resolve()
+    _bound_memory()
+    cache = BlockCache(opts.cache, opts.cache_max)
+    rel, mirrors = open_trusted(opts, cache)
+    fetcher = Fetcher(mirrors, opts.conns).start() if mirrors is not None else None
+    # read-ahead keeps as many blocks coming as transfers may be in flight (that is what hides
+    # latency), and memory holds the window plus the blocks being read
+    window = max(8, min(opts.conns, 32))
+    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=window + 8)
+    readahead = ReadAhead(dev, window)
+    recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
+    prefetcher: Prefetcher | None = None
+    if opts.prefetch == "all":
+        prefetcher = Prefetcher(dev, range(rel.index.nblocks), opts.conns, "all")
+    elif opts.prefetch == "profile":
+        order = load_profile(rel, opts.cache, mirrors)
+        if order:
+            prefetcher = Prefetcher(dev, order, opts.conns, "profile")
+    t0 = time.time()
+
+    def status() -> bytes:
+        s: dict[str, Any] = {
+            "pid": os.getpid(),
+            "name": rel.meta.name,
+            "version": rel.meta.version,
+            "index": rel.meta.index,
+            "image_size": rel.index.image_size,
+            "block_size": rel.index.block_size,
+            "nblocks": rel.index.nblocks,
+            "offline": fetcher is None,
+            "started": t0,
+            "uptime": time.time() - t0,
+            "rss": _rss(),
+            "mirrors": mirrors_status(mirrors),
+            "prefetch": prefetcher.status() if prefetcher else {"what": opts.prefetch, "complete": True},
+            "fetcher": vars(fetcher.snapshot()) if fetcher else None,
+            **dev.status(),
+        }
+        return (json.dumps(s, indent=1) + "\n").encode()
+
+    fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder)
+    options = set(pyfuse3.default_options) | {f"fsname=seedboot:{rel.meta.name}", "ro", "allow_other"}
+    _protect()
+    try:
+        pyfuse3.init(fs, str(mountpoint), options)
+    except RuntimeError as e:
+        raise SeedError(
+            f"cannot mount FUSE at {opts.mountpoint}: {e}", "is /dev/fuse there and the dir free?"
+        ) from e
+    log.info(
+        "serving %s v%d (%d blocks of %d KiB) at %s/disk.img%s",
+        rel.meta.name,
+        rel.meta.version,
+        rel.index.nblocks,
+        rel.index.block_size // 1024,
+        opts.mountpoint,
+        ", offline" if fetcher is None else f", mirror {mirrors.current().url}" if mirrors else "",
+    )
+    _tune_read_ahead(mountpoint)
+    if prefetcher is not None:
+        prefetcher.start()
+
+    async def main() -> None:
+        fs.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as n:
+            n.start_soon(_signals, mountpoint)
+            if ready_fd is not None:
+                os.write(ready_fd, b"ok\n")
+                os.close(ready_fd)
+            await pyfuse3.main()
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        log.info("mount %s ended; stopping", opts.mountpoint)
+        if prefetcher is not None:
+            prefetcher.stop()
+        if recorder is not None:
+            recorder.stop()
+        if fetcher is not None:
+            fetcher.stop()
+        dev.close()
+        pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)
+    return 0
+
+
+async def _signals(mountpoint: Path) -> None:
+    """SIGTERM/SIGINT unmount if nothing uses the mount; a busy mount keeps being served (it
+    may be the root filesystem)."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        async for sig in sigs:
+            err = await trio.to_thread.run_sync(umount, mountpoint)
+            if err:
+                log.warning("signal %d: not stopping, %s", sig, err)
+
+
+def umount(mountpoint: Path) -> str:
+    """Unmount (not lazily); '' on success, else why not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), 0) == 0:
+        return ""
+    e = ctypes.get_errno()
+    if e == errno.EBUSY:
+        return f"{mountpoint} is busy (a loop device or a process still uses it)"
+    if e == errno.EINVAL:
+        return f"{mountpoint} is not mounted"
+    return f"cannot unmount {mountpoint}: {os.strerror(e)}"
+
+
+# -- background start ----------------------------------------------------------------------
+
+
+def is_frozen() -> bool:
+    return bool(getattr(sys, "frozen", False)) or Path(sys.executable).name.startswith("seedboot-agent")
+
+
+def self_command(argv0: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """argv (argv[0] as requested) and environment to run this agent's ``args`` again."""
+    if is_frozen():
+        return [argv0, *args], dict(os.environ)
+    env = {**os.environ, "PYTHONEXECUTABLE": sys.executable}
+    return [argv0, "-m", "seedboot.agent.mount_cmd", *args], env
+
+
+def reexec_as(argv0: str, args: list[str]) -> None:
+    """Replace this process by itself with argv[0] set (same pid)."""
+    argv, env = self_command(argv0, args)
+    log.info("re-executing as %s", argv0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def current_argv0() -> str:
+    try:
+        return Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return sys.argv[0]
+
+
+def spawn(opts: MountOptions) -> int:
+    """Start the daemon in its own session and wait until it serves; returns its pid."""
+    r, w = os.pipe()
+    argv0 = opts.argv0 or "seedboot-blockdev"
+    argv, env = self_command(
+        argv0, [*opts.to_argv()[:-1], "--foreground", "--ready-fd", str(w), str(opts.mountpoint)]
+    )
+    logpath = opts.log or (opts.cache / "seedboot-mount.log")
+    opts.cache.mkdir(parents=True, exist_ok=True)
+    with open(logpath, "ab") as logf:
+        child = subprocess.Popen(
+            argv,
+            executable=sys.executable,
+            env=env,
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            cwd="/",
+        )
+    os.close(w)
+    msg = _read_ready(r, child)
+    os.close(r)
+    if msg != "ok":
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        message, _, hint = msg.partition("\t")
+        raise SeedError(
+            message or f"the mount daemon exited (status {child.returncode})", hint or f"see {logpath}"
+        )
+    # the promise: a read of the image works now
+    with open(opts.mountpoint / "disk.img", "rb") as f:
+        f.read(4096)
+    log.info("daemon %d serves %s (log %s)", child.pid, opts.mountpoint, logpath)
+    return child.pid
+
+
+def _read_ready(r: int, child: subprocess.Popen[bytes]) -> str:
+    buf = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    done = threading.Event()
+
+    def reader() -> None:
+        nonlocal buf
+        while chunk := os.read(r, 4096):
+            buf += chunk
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    while not done.wait(0.1):
+        if time.monotonic() > deadline:
+            return f"the mount daemon did not come up within {READY_TIMEOUT:.0f}s"
+        if child.poll() is not None and not done.wait(0.5):
+            break
+    return buf.decode("utf-8", "replace").strip()
+
+
+def report_failure(ready_fd: int | None, e: SeedError) -> None:
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, f"{e.message}\t{e.hint}\n".encode())
+        os.close(ready_fd)
+    except OSError:
+        pass

@@ -1,0 +1,170 @@
+"""The FUSE side (pyfuse3 + trio): a read-only ``disk.img`` and a virtual ``status.json``.
+
+Reads never block the trio loop: a block not in memory is requested from the block device
+(an I/O or fetcher thread delivers it) and the read task waits on a trio event, so many
+reads are in flight at once. ``status.json`` is rendered when opened, so ``seedboot status``
+needs nothing but the mount point.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from seedboot.agent.blockdev import BlockDevice, ReadAhead, Recorder
+from seedboot.agent.fetcher import DEMAND
+
+log = logging.getLogger(__name__)
+
+DISK = pyfuse3.ROOT_INODE + 1
+STATUS = pyfuse3.ROOT_INODE + 2
+NAMES = {b"disk.img": DISK, b"status.json": STATUS}
+STATUS_FH_BASE = 1000
+
+
+class SeedFS(pyfuse3.Operations):
+    def __init__(
+        self,
+        dev: BlockDevice,
+        status: Callable[[], bytes],
+        mtime_ns: int,
+        readahead: ReadAhead | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
+        super().__init__()
+        self.dev = dev
+        self.status = status
+        self.mtime_ns = mtime_ns
+        self.readahead = readahead
+        self.recorder = recorder
+        self.size = dev.index.image_size
+        self.bs = dev.index.block_size
+        self.status_files: dict[int, bytes] = {}
+        self.next_fh = STATUS_FH_BASE
+        self.token: Any = None
+
+    def _attr(self, inode: int) -> Any:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
+        a.st_blksize = self.bs
+        if inode == pyfuse3.ROOT_INODE:
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2
+            a.st_size = 0
+        elif inode == DISK:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = self.size
+            a.attr_timeout = a.entry_timeout = 3600
+        elif inode == STATUS:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = 0  # rendered on open; read with direct I/O
+            a.attr_timeout = a.entry_timeout = 0
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        if parent_inode != pyfuse3.ROOT_INODE or name not in NAMES:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(NAMES[name])
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = sorted(NAMES.items())
+        for i, (name, inode) in enumerate(entries):
+            if i < start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(inode), i + 1):
+                break
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        if flags & (0o3):  # O_WRONLY or O_RDWR
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode == DISK:
+            return pyfuse3.FileInfo(fh=DISK, keep_cache=True)
+        if inode == STATUS:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.status_files[fh] = self.status()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def release(self, fh: int) -> None:
+        self.status_files.pop(fh, None)
+
+    async def statfs(self, ctx: Any) -> Any:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = self.size // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = 2
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        if fh != DISK:
+            data = self.status_files.get(fh, b"")
+            return data[off : off + size]
+        if off >= self.size or size <= 0:
+            return b""
+        end = min(off + size, self.size)
+        first, last = off // self.bs, (end - 1) // self.bs
+        if self.recorder is not None:
+            self.recorder.note(first, last)
+        if self.readahead is not None:
+            self.readahead.note(first, last)
+        if first == last:
+            plain = await self._block(first)
+            base = first * self.bs
+            return plain[off - base : end - base]
+        parts: dict[int, bytes] = {}
+
+        async def get(b: int) -> None:
+            parts[b] = await self._block(b)
+
+        async with trio.open_nursery() as n:
+            for b in range(first, last + 1):
+                n.start_soon(get, b)
+        data = b"".join(parts[b] for b in range(first, last + 1))
+        base = first * self.bs
+        return data[off - base : end - base]
+
+    async def _block(self, b: int) -> bytes:
+        plain = self.dev.memory(b)
+        if plain is not None:
+            return plain
+        ev = trio.Event()
+        box: list[tuple[bytes | None, str]] = []
+        token = self.token
+
+        def done(p: bytes | None, error: str) -> None:
+            box.append((p, error))
+            token.run_sync_soon(ev.set)
+
+        self.dev.request(b, DEMAND, done)
+        await ev.wait()
+        p, error = box[0]
+        if p is None:
+            log.error("read of block %d failed: %s", b, error)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return p
