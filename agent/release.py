@@ -83,7 +83,6 @@ def open_release(
     statement when the mirror has none (offline boots)."""
     layout.check_name(name)
     state = rollback.load_state(state_dir)
-    clock = rollback.Clock(now, "given time", tolerance) if now is not None else _clock(reader, tolerance)
     if version is None:
         version = latest_version(reader, name)
     what = f"{reader.location}/{layout.meta_path(name, version)}"
@@ -94,6 +93,8 @@ def open_release(
         raise SeedError(
             f"version {version} of {name!r} is not on {reader.location}", "seedboot info lists versions"
         ) from e
+    # After the first fetches: an HTTP mirror's Date header is known by now.
+    clock = rollback.Clock(now, "given time", tolerance) if now is not None else _clock(reader, tolerance)
     notes: list[str] = []
     signer = keyring.signer_id(sig_text)
     stmt: keyring.KeysStatement | None = None

@@ -159,7 +159,9 @@ def test_statement_expiry_and_date_header(work: Path, tmp_path: Path) -> None:
     assert rel.meta.version == v2
 
 
-def test_date_header_from_nginx(work: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
+def test_date_header_from_nginx(  # type: ignore[no-untyped-def]
+    work: Path, tmp_path: Path, nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mirror = tmp_path / "m"
     publish_with(work, mirror, "root")
     keyring_tools.rotate(mirror, keys.load_secret_key(work / "root.key"), [pub(work, "a")])
@@ -168,6 +170,19 @@ def test_date_header_from_nginx(work: Path, tmp_path: Path, nginx) -> None:  # t
     rel = release.open_release(reader, "demo", [pub(work, "root")], tolerance=120)
     assert reader.server_date is not None and abs(reader.server_date - time.time()) < 5
     assert rel.clock is not None and rel.clock.source == "local clock"
+    # A machine whose clock says 2001 (no RTC battery): the mirror's Date header is the floor,
+    # and the statement and metadata are checked against it. (The clock is played through
+    # rollback.local_time: setting the real clock back would disturb everything else here.)
+    monkeypatch.setattr(rollback, "local_time", lambda: 1_000_000_000.0)
+    reader = HttpReader(srv.url)
+    rel = release.open_release(reader, "demo", [pub(work, "root")], tolerance=120)
+    assert rel.clock is not None and rel.clock.source == "mirror Date header"
+    assert abs(rel.clock.now - time.time()) < 5
+    assert any("from the mirror Date header" in n for n in rel.notes)
+    # A local mirror has no Date header: the 2001 clock is used and said so.
+    rel = release.open_release(DirReader(mirror), "demo", [pub(work, "root")], tolerance=120)
+    assert rel.clock is not None and rel.clock.source == "local clock" and rel.clock.now == 1e9
+    monkeypatch.undo()
     r = run_cli("keys", "show", "--mirror", srv.url, "--pubkey", work / "root.pub")
     assert r.returncode == 0, r.stderr
     assert "keys statement version 1" in r.stdout and pub(work, "a").id_str in r.stdout
