@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +106,7 @@ def verify_release(
     keys: list[signature.PublicKey],
     version: int | None = None,
     conns: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Signature, expiry and index problems raise (nothing after them can be trusted);
     block and profile problems are collected, one line each."""
@@ -135,6 +136,7 @@ def verify_release(
             report.problems.append(f"dm-verity tree: {e.message}")
     refs = distinct_blocks(rel.index)
     bound = max_stored_len(rel.index.block_size)
+    seen_bytes, total_bytes = 0, sum(r.stored_len for r in refs.values())
     for path, got in iter_stored(location, (layout.block_path(d) for d in refs), conns, bound):
         digest = path.rsplit("/", 1)[-1]
         ref = refs[digest]
@@ -144,6 +146,9 @@ def verify_release(
             report.stored_bytes += ref.stored_len
         except BlockInvalid as e:
             report.problems.append(e.message)
+        seen_bytes += ref.stored_len
+        if progress is not None:
+            progress(seen_bytes, total_bytes)
     # Completion order is arbitrary over HTTP: report in index order.
     report.problems.sort(key=_position)
     log.info(
