@@ -10,6 +10,7 @@ The frozen runtime is cached under ``build/`` by the hash of the agent's sources
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import re
 import shutil
@@ -79,7 +80,11 @@ def main() -> int:
 
 
 def kernel_dir() -> Path:
-    return kernel.fetch(KERNEL_DIR).root
+    # The same lock as tests/artifacts.py: parallel test processes fetch the kernel once.
+    KERNEL_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with (KERNEL_DIR.parent / ".kernel.lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return kernel.fetch(KERNEL_DIR).root
 
 
 def frozen_agent() -> Path:
@@ -189,7 +194,7 @@ def boot(
 ) -> dict[str, str]:
     """Boot the guest until it powers off; the SEEDTEST-KEY=value lines of its console."""
     cmd = [
-        "qemu-system-x86_64", "-m", "384", "-smp", "1", "-nographic", "-no-reboot",
+        "qemu-system-x86_64", "-m", "384", "-smp", "1", "-cpu", "qemu64,+rdrand", "-nographic", "-no-reboot",
         "-kernel", str(kernel_dir() / "vmlinuz"), "-initrd", str(image),
         "-append", f"console=ttyS0 panic=-1 quiet {append}", "-nic", "none",
     ]  # fmt: skip
