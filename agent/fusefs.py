@@ -129,6 +129,8 @@ class SeedFS(pyfuse3.Operations):
             return b""
         end = min(off + size, self.size)
         first, last = off // self.bs, (end - 1) // self.bs
+        self.dev.counters.reads += 1
+        self.dev.counters.read_bytes += end - off
         if self.recorder is not None:
             self.recorder.note(first, last)
         if self.readahead is not None:
