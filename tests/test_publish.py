@@ -300,6 +300,7 @@ def test_bad_input_gives_one_line_and_damages_nothing(work: Path, published: Pat
         (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--block-size", "3000"), ("block size",)),
         (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--expires", "soon"), ("duration",)),
         (("publish", work / "v1.ext4", "--name", "../x", *pub_args), ("invalid image name",)),
+        (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--version", "0"), ("invalid version",)),
         (("publish", work / "v1.ext4", "--name", "demo", *pub_args, "--profile", bad_profile), ("past the",)),
         (("verify", "--mirror", mirror, "--name", "nope", "--pubkey", pub), ("'nope' is not on mirror",)),
         (("verify", "--mirror", mirror, "--name", "demo", "--pubkey", other_pub), ("not trusted",)),

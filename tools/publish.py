@@ -283,13 +283,15 @@ def publish(
             raise SeedError(f"cannot read profile {profile_file}: {e.strerror}", "check --profile") from e
     threads = threads or os.cpu_count() or 2
     fd, image_size = _open_image(image)
-    nblocks = index.expected_blocks(image_size, block_size)
-    if profile_bytes is not None:
-        profile.parse(profile_bytes, what=f"profile {profile_file}", nblocks=nblocks)
-    stats = PublishStats(image_size=image_size, blocks=nblocks)
     t0 = time.monotonic()
     try:
+        nblocks = index.expected_blocks(image_size, block_size)
+        if profile_bytes is not None:
+            profile.parse(profile_bytes, what=f"profile {profile_file}", nblocks=nblocks)
+        stats = PublishStats(image_size=image_size, blocks=nblocks)
         with lock_mirror(mirror):
+            # Refuse a bad version number before anything is written.
+            _choose_version(mirror, name, version)
             verity_meta = None
             if verity:
                 from seedboot.tools import verity as verity_tool
@@ -317,6 +319,23 @@ def publish(
         os.close(fd)
 
 
+def _choose_version(mirror: Path, name: str, version: int | None) -> tuple[int, list[int], int | None, int]:
+    """The version to publish, the versions there, ``latest`` and the highest of them all."""
+    versions = existing_versions(mirror, name)
+    latest = read_latest(mirror, name)
+    highest = max([*versions, latest or 0])
+    if version is None:
+        return highest + 1, versions, latest, highest
+    if version < 1:
+        raise SeedError(f"invalid version {version}", "versions are positive integers")
+    if version <= highest and version not in versions:
+        raise SeedError(
+            f"version {version} of {name} is not above the newest version {highest}",
+            f"versions only go up: use --version {highest + 1} or omit --version",
+        )
+    return version, versions, latest, highest
+
+
 def _publish_locked(
     fd: int,
     mirror: Path,
@@ -335,18 +354,7 @@ def _publish_locked(
     t0: float,
     verity: metadata.Verity | None = None,
 ) -> PublishResult:
-    versions = existing_versions(mirror, name)
-    latest = read_latest(mirror, name)
-    highest = max([*versions, latest or 0])
-    if version is None:
-        version = highest + 1
-    elif version < 1:
-        raise SeedError(f"invalid version {version}", "versions are positive integers")
-    elif version <= highest and version not in versions:
-        raise SeedError(
-            f"version {version} of {name} is not above the newest version {highest}",
-            f"versions only go up: use --version {highest + 1} or omit --version",
-        )
+    version, versions, latest, highest = _choose_version(mirror, name, version)
     log.info("publishing %s as version %d (block size %d, zstd level %d)", name, version, block_size, level)
 
     idx = index.Index(block_size=block_size, image_size=stats.image_size)
