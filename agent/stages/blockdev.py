@@ -24,6 +24,16 @@ def trace_path(ctx: Context, name: str, version: int) -> Path:
     return ctx.paths.cache / "traces" / f"{name}-{version}-{stamp}.trace"
 
 
+def show_log_tail(ctx: Context, lines: int = 15) -> None:
+    """The daemon's last words, on the console: its log is in /run, gone after a reboot."""
+    try:
+        tail = ctx.paths.blockdev_log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    for line in tail:
+        ctx.console.note(f"blockdev.log: {line}")
+
+
 def run(ctx: Context) -> str:
     from seedboot.agent.daemon import MountOptions, spawn
 
@@ -56,7 +66,11 @@ def run(ctx: Context) -> str:
         argv0=ARGV0,
     )
     start = time.monotonic()
-    pid = spawn(opts)
+    try:
+        pid = spawn(opts)
+    except SeedError:
+        show_log_tail(ctx)
+        raise
     ctx.timings["wait:blockdev"] = time.monotonic() - start
     ctx.daemon_pid = pid
     size = rel.meta.image_size / 2**20

@@ -42,8 +42,11 @@ def loop_config(fd: int, name: str, flags: int) -> bytes:
     )
 
 
-def attach_loop(image: Path, direct_io: bool = True) -> str:
-    """A free loop device on ``image``, read-only; returns its path (e.g. /dev/loop0)."""
+def attach_loop(image: Path, direct_io: bool = True) -> tuple[str, int]:
+    """A free loop device on ``image``, read-only: its path (e.g. /dev/loop0) and an open fd.
+
+    The loop device is set to clear itself when its last user goes; so the caller keeps the
+    fd open until the mount holds the device, then closes it."""
     ctl = os.open("/dev/loop-control", os.O_RDWR)
     try:
         n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
@@ -65,12 +68,12 @@ def attach_loop(image: Path, direct_io: bool = True) -> str:
                 raise
             log.info("loop: direct I/O refused on %s; without it", image)
             fcntl.ioctl(loopfd, LOOP_CONFIGURE, loop_config(backing, image.name, flags & ~LO_FLAGS_DIRECT_IO))
-    finally:
-        os.close(backing)
-        # The loop device keeps its own reference to the file; with AUTOCLEAR it detaches
-        # when the last user (the mount) goes away.
+    except OSError:
         os.close(loopfd)
-    return dev
+        raise
+    finally:
+        os.close(backing)  # the loop device holds its own reference to the file
+    return dev, loopfd
 
 
 def fstype(dev: str) -> str:
@@ -129,23 +132,26 @@ def has_init(newroot: Path, init: str) -> bool:
 def run(ctx: Context) -> str:
     image = ctx.paths.mountpoint / "disk.img"
     try:
-        dev = attach_loop(image)
+        dev, loopfd = attach_loop(image)
     except OSError as e:
         raise SeedError(
             f"root filesystem did not mount: no loop device on {image}: {e.strerror}",
             "is the loop module in the miniroot? see /run/seedboot/blockdev.log",
         ) from e
     ctx.loopdev = dev
-    fs = fstype(dev)
-    lower = ctx.paths.lower
-    lower.mkdir(parents=True, exist_ok=True)
     try:
-        sc.mount(dev, str(lower), fs, sc.MS_RDONLY)
-    except OSError as e:
-        raise SeedError(
-            f"root filesystem did not mount: {fs} on {dev}: {e.strerror}",
-            f"is the {fs} module in the miniroot? see /run/seedboot/blockdev.log for read errors",
-        ) from e
+        fs = fstype(dev)
+        lower = ctx.paths.lower
+        lower.mkdir(parents=True, exist_ok=True)
+        try:
+            sc.mount(dev, str(lower), fs, sc.MS_RDONLY)
+        except OSError as e:
+            raise SeedError(
+                f"root filesystem did not mount: {fs} on {dev}: {e.strerror}",
+                f"is the {fs} module in the miniroot? see /run/seedboot/blockdev.log for read errors",
+            ) from e
+    finally:
+        os.close(loopfd)
     upper, work, where = upper_dirs(ctx)
     newroot = ctx.paths.newroot
     newroot.mkdir(parents=True, exist_ok=True)
