@@ -158,12 +158,13 @@ def protect(
     data_dev: str,
     cache: Path,
     reader: Reader | None,
-    attach: Callable[[Path], str],
+    attach: Callable[[Path], tuple[str, int]],
 ) -> tuple[str, str]:
     """What the root stage calls between the loop device and the mount: returns the device
     to mount (the verity target, or ``data_dev`` when there is nothing to set up) and a note.
 
-    ``attach`` makes a read-only loop device of a file (the root stage's ``attach_loop``)."""
+    ``attach`` makes a read-only, auto-clearing loop device of a file and returns it with an
+    open fd (the root stage's ``attach_loop``); the fd is closed once the target holds it."""
     if v is None:
         return data_dev, "no dm-verity tree published (agent block checks only)"
     why = available()
@@ -171,6 +172,9 @@ def protect(
         log.warning("dm-verity not set up: %s", why)
         return data_dev, f"dm-verity not set up: {why} (agent block checks only)"
     tree = fetch_tree(name, v, cache, reader)
-    hash_dev = attach(tree)
-    dev = setup(v, data_dev, hash_dev)
+    hash_dev, fd = attach(tree)
+    try:
+        dev = setup(v, data_dev, hash_dev)
+    finally:
+        os.close(fd)
     return dev, f"dm-verity {dev} (root hash {v.root_hash[:16]}…)"
