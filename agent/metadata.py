@@ -13,6 +13,9 @@ from seedboot.agent.layout import check_digest, check_name
 
 META_FORMAT = 1
 VERITY_BLOCK = 4096
+# dm-verity's data block size is the root device's logical block size, so it must not exceed
+# the file system's block size (mke2fs gives small file systems 1 KiB blocks).
+VERITY_DATA_BLOCKS = (512, 1024, 2048, 4096)
 
 
 @dataclass
@@ -50,12 +53,13 @@ def _parse_verity(v: Any, what: str) -> Verity:
     ok = (
         out.hash == "sha256"
         and out.hash_type == 1
-        and out.data_block_size == out.hash_block_size == VERITY_BLOCK
+        and out.data_block_size in VERITY_DATA_BLOCKS
+        and out.hash_block_size == VERITY_BLOCK
         and len(out.salt) <= 512
         and all(c in "0123456789abcdef" for c in out.salt)
         and len(out.salt) % 2 == 0
         and out.tree_size > 0
-        and out.data_blocks == -(-out.data_size // VERITY_BLOCK)
+        and out.data_blocks == -(-out.data_size // out.data_block_size)
     )
     if not ok:
         raise FormatError(f"{what}: unsupported or inconsistent dm-verity parameters", "update seedboot")

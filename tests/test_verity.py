@@ -56,7 +56,10 @@ def test_publish_verity_round_trip(work: Path, tmp_path: Path) -> None:
     rel = release.open_release(DirReader(mirror), "demo", [signature.load_public_key(work / "k.pub")])
     v = rel.meta.verity
     assert v is not None and v.data_size == (work / "root.ext4").stat().st_size
-    assert v.data_blocks * 4096 == v.data_size and v.hash == "sha256"
+    assert v.data_blocks * v.data_block_size == v.data_size and v.hash == "sha256"
+    # A small ext4 has 1 KiB blocks (mke2fs "small"): dm-verity's data blocks follow it, or
+    # the file system would not mount on the verity device (its logical blocks would be larger).
+    assert v.data_block_size == tverity.fs_block_size(work / "root.ext4") == 1024
     tree = mirror / averity.tree_path("demo", v.tree)
     assert tree.stat().st_size == v.tree_size
     # Stock veritysetup verifies the image against the signed root hash...
@@ -139,7 +142,7 @@ def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> Non
     # The device-mapper table the guest uses, from signed values only.
     t = averity.table(v, "/dev/loop0", "/dev/loop1")
     assert t == (
-        f"0 {v.data_blocks * 8} verity 1 /dev/loop0 /dev/loop1 4096 4096 {v.data_blocks} 0 sha256 "
+        f"0 {v.data_blocks * 2} verity 1 /dev/loop0 /dev/loop1 1024 4096 {v.data_blocks} 0 sha256 "
         f"{v.root_hash} {v.salt}"
     )
 

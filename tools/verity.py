@@ -7,9 +7,11 @@ stored content-addressed as ``MIRROR/NAME/verity/<sha256 of the tree>``. The met
 ``verity`` field carries the root hash, salt, algorithm, block sizes, data block count,
 and the tree's digest and size.
 
-dm-verity works in 4096-byte blocks. An image whose size is not a multiple of 4096 is
-hashed as if zero-padded to the next multiple (``data_size`` records the real size); the
-agent then presents the padded size (see agent/verity.py).
+dm-verity's data block size becomes the logical block size of the root device, and a file
+system cannot mount on a device whose blocks are larger than its own: so it follows the
+image's file system (ext2/3/4 made small by mke2fs have 1 KiB blocks), 4096 otherwise. The
+hash blocks are 4096. An image whose size is not a multiple of the data block size is
+hashed as if zero-padded to the next multiple (``data_size`` records the real size).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -29,7 +32,18 @@ from seedboot.agent.errors import SeedError
 
 log = logging.getLogger(__name__)
 
-BLOCK = metadata.VERITY_BLOCK
+HASH_BLOCK = metadata.VERITY_BLOCK
+
+
+def fs_block_size(image: Path) -> int:
+    """The data block size for IMAGE: its ext2/3/4 block size, else 4096."""
+    with open(image, "rb") as f:
+        sb = f.read(2048)[1024:]
+    if len(sb) >= 58 and struct.unpack_from("<H", sb, 56)[0] == 0xEF53:
+        size = 1024 << int(struct.unpack_from("<I", sb, 24)[0])
+        if size in metadata.VERITY_DATA_BLOCKS:
+            return size
+    return HASH_BLOCK
 
 
 def _veritysetup(*args: str) -> str:
@@ -55,18 +69,19 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
     if size <= 0:
         raise SeedError(f"image {image} is empty")
     salt = salt if salt is not None else os.urandom(32).hex()
-    blocks = -(-size // BLOCK)
+    block = fs_block_size(image)
+    blocks = -(-size // block)
     mirror.mkdir(parents=True, exist_ok=True)
     # A padded copy goes in the mirror's file system (/tmp may be RAM); the dot keeps it
     # from looking like an image.
     with tempfile.TemporaryDirectory(prefix=".verity-tmp-", dir=mirror) as tmp:
         data = image
-        if size % BLOCK:
+        if size % block:
             # The kernel sees the image zero-padded to whole blocks; hash exactly that.
             data = Path(tmp) / "padded"
             shutil.copyfile(image, data)
-            os.truncate(data, blocks * BLOCK)
-            log.info("image size %d is not a multiple of %d: hashing it zero-padded", size, BLOCK)
+            os.truncate(data, blocks * block)
+            log.info("image size %d is not a multiple of %d: hashing it zero-padded", size, block)
         tree_file = Path(tmp) / "tree"
         out = _veritysetup(
             "format",
@@ -74,8 +89,8 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
             str(tree_file),
             "--no-superblock",
             "--hash=sha256",
-            f"--data-block-size={BLOCK}",
-            f"--hash-block-size={BLOCK}",
+            f"--data-block-size={block}",
+            f"--hash-block-size={HASH_BLOCK}",
             f"--data-blocks={blocks}",
             f"--salt={salt}",
         )
@@ -97,6 +112,8 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
         tree_size=len(tree),
         data_blocks=blocks,
         data_size=size,
+        data_block_size=block,
+        hash_block_size=HASH_BLOCK,
     )
 
 
@@ -104,10 +121,10 @@ def verify(image: Path, tree: Path, v: metadata.Verity) -> bool:
     """``veritysetup verify`` of a file against the signed parameters (True if every block matches)."""
     with tempfile.TemporaryDirectory(prefix="seedboot-verity-") as tmp:
         data = image
-        if image.stat().st_size != v.data_blocks * BLOCK:
+        if image.stat().st_size != v.data_blocks * v.data_block_size:
             data = Path(tmp) / "padded"
             shutil.copyfile(image, data)
-            os.truncate(data, v.data_blocks * BLOCK)
+            os.truncate(data, v.data_blocks * v.data_block_size)
         exe = shutil.which("veritysetup") or "veritysetup"
         r = subprocess.run(
             [exe, "verify", str(data), str(tree), v.root_hash, *verity.veritysetup_args(v)],
