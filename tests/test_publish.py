@@ -334,3 +334,23 @@ def test_profile_is_published_and_verified(work: Path, tmp_path: Path) -> None:
     stored.write_bytes(prof.read_bytes() + b"7\n")
     r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
     assert r.returncode == 1 and "profile" in r.stderr and str(stored) in r.stderr, r.stderr
+
+
+@pytest.mark.root
+def test_full_disk_fails_cleanly_and_keeps_the_previous_version(
+    work: Path, published: Path, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)], check=True)
+    try:
+        mirror = copy_mirror(published, mnt / "m")
+        noise = tmp_path / "noise.img"
+        noise.write_bytes(random.Random(3).randbytes(16 << 20))
+        r = run_cli("publish", noise, "--mirror", mirror, "--name", "demo", "--key", work / "k.key")
+        assert_one_line_error(r, "cannot write to mirror", "No space left")
+        assert (mirror / "demo" / "latest").read_text().strip() == "1"
+        r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

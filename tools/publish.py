@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -110,8 +111,11 @@ class PublishResult:
 @contextmanager
 def lock_mirror(mirror: Path) -> Iterator[None]:
     """One writer at a time (publish, gc): gc must never see a publish's blocks before its index."""
-    mirror.mkdir(parents=True, exist_ok=True)
-    fd = os.open(mirror / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mirror.mkdir(parents=True, exist_ok=True)
+        fd = os.open(mirror / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SeedError(f"cannot use mirror directory {mirror}: {e.strerror}", "check --mirror") from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,10 +164,16 @@ def _open_image(image: Path) -> tuple[int, int]:
     except OSError as e:
         raise SeedError(f"cannot read image {image}: {e.strerror}", "check the IMAGE path") from e
     try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise SeedError(f"image {image} is not a file or block device", "pass a filesystem or disk image")
         size = os.lseek(fd, 0, os.SEEK_END)
     except OSError as e:
         os.close(fd)
         raise SeedError(f"cannot read image {image}: {e.strerror}") from e
+    except SeedError:
+        os.close(fd)
+        raise
     if size <= 0:
         os.close(fd)
         raise SeedError(f"image {image} is empty", "pass a filesystem or disk image")
@@ -281,6 +291,8 @@ def publish(
             profile_bytes = Path(profile_file).read_bytes()
         except OSError as e:
             raise SeedError(f"cannot read profile {profile_file}: {e.strerror}", "check --profile") from e
+    if threads is not None and threads < 0:
+        raise SeedError(f"invalid thread count {threads}", "use a positive number, or 0 for one per core")
     threads = threads or os.cpu_count() or 2
     fd, image_size = _open_image(image)
     t0 = time.monotonic()
@@ -315,6 +327,13 @@ def publish(
                 t0,
                 verity=verity_meta,
             )
+    except OSError as e:
+        # The disk filled up or a file cannot be written: nothing is signed yet, so the
+        # mirror still serves the versions it had.
+        where = f" ({e.filename})" if e.filename else ""
+        raise SeedError(
+            f"cannot write to mirror {mirror}: {e.strerror}{where}", "check free space and permissions"
+        ) from e
     finally:
         os.close(fd)
 
