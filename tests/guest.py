@@ -30,7 +30,9 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; m
 for m in $(cat /modules.order); do insmod /mods/$m || echo "SEEDTEST insmod $m failed"; done
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vdb ] || [ ! -e /mods/virtio_blk.ko ] && break; sleep 0.2; done
 [ -f /before.sh ] && sh /before.sh
-/opt/seedboot/seedboot-agent
+# Where the miniroot's /init puts the runtime (its launcher may name the loader there).
+cp -a /opt/seedboot /run/seedboot
+/run/seedboot/seedboot-agent
 echo SEEDTEST-DONE=1
 poweroff -f
 """
@@ -167,7 +169,8 @@ def initrd(
         _copy_with_libs(Path(shutil.which("dmsetup") or "/usr/sbin/dmsetup"), stage, "usr/sbin/dmsetup")
     runtime = frozen_agent()
     shutil.copytree(runtime, stage / "opt" / "seedboot", symlinks=True)
-    shutil.copy(runtime / "lib" / "ld-linux-x86-64.so.2", stage / "lib64" / "ld-linux-x86-64.so.2")
+    # The runtime's libraries are the build host's, so is its loader.
+    shutil.copy(Path("/lib64/ld-linux-x86-64.so.2").resolve(), stage / "lib64" / "ld-linux-x86-64.so.2")
     (stage / "init").write_text(INIT)
     (stage / "init").chmod(0o755)
     if before:
