@@ -71,7 +71,7 @@ def run(ctx: Context) -> str:
     except SeedError:
         show_log_tail(ctx)
         raise
-    ctx.timings["wait:blockdev"] = time.monotonic() - start
+    ctx.timings["daemon-start"] = time.monotonic() - start
     ctx.daemon_pid = pid
     size = rel.meta.image_size / 2**20
     detail = f"{mountpoint}/disk.img ({size:.0f} MiB) served by pid {pid} ({ARGV0})"

@@ -109,14 +109,28 @@ def run_all(ctx: Context, stages: Sequence[str] = STAGE_NAMES) -> None:
             ctx.console.note(f"retrying stage {name}")
 
 
-def _pid1_start() -> float | None:
-    """When the kernel started init (PID 1), in seconds since boot: /proc/1/stat field 22."""
+def init_exec_time(kmsg: str = "/dev/kmsg") -> float | None:
+    """When the kernel exec'd /init, in seconds since boot, from its "Run /init as init process"
+    message. (PID 1's start time in /proc is useless: the kernel creates PID 1 long before.)"""
     try:
-        with open("/proc/1/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
         return None
+    try:
+        for _ in range(5000):
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                return None
+            except OSError:
+                continue  # EPIPE: a record was overwritten; go on with the next
+            # "PRIO,SEQ,USEC,FLAGS;MESSAGE"
+            head, _, msg = rec.decode("utf-8", "replace").partition(";")
+            if msg.startswith("Run /") and msg.rstrip().endswith("as init process"):
+                return int(head.split(",")[2]) / 1e6
+    finally:
+        os.close(fd)
+    return None
 
 
 def init(args: Sequence[str]) -> int:
@@ -134,12 +148,12 @@ def init(args: Sequence[str]) -> int:
         return 2
     console = Console(sys.stdout)
     at = uptime()
-    handoff = _pid1_start()
+    handoff = init_exec_time()
     ctx = Context(Cmdline(), console)
     ctx.timings["first-line"] = at
     ctx.timings["handoff"] = handoff if handoff is not None else 0.0
     console.note(
-        f"agent {version()} up: kernel started init at {handoff:.2f}s, agent ready at {at:.2f}s"
+        f"agent {version()} up at {at:.2f}s (kernel ran /init at {handoff:.2f}s)"
         if handoff is not None
         else f"agent {version()} up at {at:.2f}s"
     )

@@ -77,10 +77,10 @@ def timing_line(ctx: Context) -> str:
     waits = sum(v for k, v in ctx.timings.items() if k.startswith("wait:"))
     total = now - handoff
     return (
-        f"timing: kernel started init at {handoff:.2f}s, agent's first line at {first:.2f}s, "
-        f"switch at {now:.2f}s; "
-        f"agent {total:.2f}s of which waiting on network/mirrors/daemon {waits:.2f}s: "
-        f"overhead {total - waits:.2f}s"
+        f"timing: kernel ran /init at {handoff:.2f}s, agent's first line at {first:.2f}s, "
+        f"switch at {now:.2f}s: agent {total:.2f}s, of which waiting for link, DHCP and mirror "
+        f"probes {waits:.2f}s, block daemon start {ctx.timings.get('daemon-start', 0.0):.2f}s; "
+        f"overhead (all but the waits) {total - waits:.2f}s"
     )
 
 

@@ -115,7 +115,7 @@ def run(ctx: Context) -> str:
     else:
         start = time.monotonic()
         rel, where = from_mirrors(ctx, name, keys)
-        ctx.timings["wait:trust"] = time.monotonic() - start
+        ctx.timings["trust-fetch"] = time.monotonic() - start
         save_release(ctx.paths.cache, rel)
     ctx.release = rel
     for url in rel.meta.mirrors:

@@ -1,0 +1,200 @@
+"""The miniroot boots real kernels in QEMU (software emulation) into a root streamed from nginx.
+
+Four boots share one published mirror and the cached kernel/initramfs/demo root artifacts:
+
+1. online, fresh KNXBLOCK cache disk, ``seed.record``, with the seed disk's own hook and SSH
+   keys: every stage prints its line, the demo root's marker appears (its init reads a large
+   file after the switch: work goes on through the block daemon), the seed disk's hook ran,
+   the shipped hook copied the SSH keys, the cache holds the release and a trace;
+2. ``seed.offline`` with nginx stopped, the same cache disk: the marker again, from the cache;
+3. the trace merged into a profile and published as version 2; a fresh cache: the profile is
+   fetched and all its blocks are requested (download-ahead);
+4. a mirror whose release is signed by another key: the boot stops in the trust stage with the
+   signature message, and reboots (``seed.rescue=reboot``: QEMU exits).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from seedboot.agent import layout
+from seedboot.agent import profile as profilemod
+from seedboot.agent.index import decode
+from seedboot.tools import keys, publish
+from tests import artifacts
+from tests.helpers import Nginx
+from tests.qemu import Disk, Guest
+
+pytestmark = pytest.mark.qemu
+
+MARKER = r"SEEDBOOT-DEMO-OK sha256=ok overlay=ok"
+BOOT_TIMEOUT = 300.0
+STAGES = ("early", "hardware", "network", "cache", "mirror", "trust", "blockdev", "root")
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootTestKey test@seedboot\n"
+SEED_HOOK = """#!/bin/sh
+# The seed disk's own hook: proves it ran (console), and with what environment.
+echo "SEED-DISK-HOOK stage=$SEED_STAGE mirror=$SEED_MIRROR cache=$SEED_CACHE_KIND" > /dev/console
+echo /root/.ssh/authorized_keys >> "$SEED_NEWROOT/etc/seedboot-demo/extra"
+"""
+
+
+@dataclass
+class Setup:
+    work: Path
+    mirror: Path
+    nginx: Nginx
+    kernel: Path
+    initrd: Path
+    key: Path
+    image: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    work = tmp_path_factory.mktemp("boot")
+    key, pub = artifacts.signing_keypair("test")
+    kernel = artifacts.kernel_dir() / "vmlinuz"
+    initrd = artifacts.initramfs([pub])
+    image = artifacts.demo_root(size_mb=48, data_mb=16)
+    mirror = work / "mirror"
+    publish.publish(image, mirror, "demo", keys.load_secret_key(key), version=1)
+    nginx = Nginx(root=mirror, workdir=work / "nginx").start()
+    yield Setup(work, mirror, nginx, kernel, initrd, key, image)
+    nginx.stop()
+
+
+def cache_disk(path: Path, files: dict[str, tuple[str, int]] | None = None) -> Path:
+    """A raw disk holding an ext4 file system labelled KNXBLOCK, with FILES (path: (text, mode))."""
+    tree = path.with_suffix(".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    for rel, (text, mode) in (files or {}).items():
+        p = tree / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        p.chmod(mode)
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "KNXBLOCK", "-d", str(tree), str(path), "160M"], check=True
+    )
+    return path
+
+
+def debugfs(disk: Path, request: str) -> str:
+    p = subprocess.run(["debugfs", "-R", request, str(disk)], capture_output=True, text=True, check=True)
+    return p.stdout
+
+
+def read_file(disk: Path, path: str, out: Path) -> bytes:
+    debugfs(disk, f"dump {path} {out}")
+    return out.read_bytes()
+
+
+def boot(s: Setup, name: str, append: str, disk: Path) -> Guest:
+    return Guest(
+        log=s.work / f"{name}.log",
+        kernel=s.kernel,
+        initrd=s.initrd,
+        append=f"seed.name=demo seed.rescue=reboot {append}",
+        disks=[Disk(disk)],
+        watchdog=BOOT_TIMEOUT + 60,
+    )
+
+
+def stage_line(console: str, stage: str) -> str:
+    m = re.search(rf"seedboot: {stage} +ok .*", console)
+    assert m, f"no ok line for stage {stage}"
+    return m.group(0)
+
+
+def test_boot_online_offline_record_profile(setup: Setup) -> None:
+    s = setup
+    mirrors = f"seed.mirrors=http://10.0.2.2:{s.nginx.port}"
+    disk = cache_disk(
+        s.work / "cache1.img",
+        {
+            "hooks/pre-switch.d/60-seed-disk": (SEED_HOOK, 0o755),
+            "ssh/authorized_keys": (SSH_KEY, 0o644),
+        },
+    )
+    # 1: online, recording
+    with boot(s, "online", f"{mirrors} seed.record", disk) as g:
+        g.expect(MARKER, timeout=BOOT_TIMEOUT)
+        g.wait_exit(60)
+        console = g.console()
+    for stage in STAGES:
+        stage_line(console, stage)
+    assert re.search(r"seedboot: agent \S+ up at [\d.]+s \(kernel ran /init at [\d.]+s\)", console)
+    assert "eth0 10.0.2.15/24 via DHCP" in stage_line(console, "network")
+    assert "LABEL=KNXBLOCK" in stage_line(console, "cache")
+    assert "demo v1 verified from http://10.0.2.2" in stage_line(console, "trust")
+    assert "@seedboot-blockdev" in stage_line(console, "blockdev")
+    assert re.search(r"timing: kernel ran /init at .* overhead \(all but the waits\) [\d.]+s", console)
+    assert f"SEED-DISK-HOOK stage=switch mirror=http://10.0.2.2:{s.nginx.port} cache=disk" in console
+    # the cache partition now holds the verified release and this boot's trace
+    assert debugfs(disk, "cat /demo/latest").strip() == "1"
+    traces = re.findall(r"(demo-1-\S+\.trace)", debugfs(disk, "ls -p /traces"))
+    assert len(traces) == 1, traces
+    trace = profilemod.parse(read_file(disk, f"/traces/{traces[0]}", s.work / "trace"))
+    assert len(trace) > 10
+    assert "blocks" in debugfs(disk, "ls -p /")
+
+    # 2: offline, nginx stopped: everything from the cache
+    s.nginx.stop()
+    try:
+        with boot(s, "offline", f"{mirrors} seed.offline", disk) as g:
+            g.expect(MARKER, timeout=BOOT_TIMEOUT)
+            console = g.console()
+    finally:
+        s.nginx.start()
+    assert "skipped: seed.offline" in stage_line(console, "network")
+    assert "demo v1 verified from the cache" in stage_line(console, "trust")
+    assert "offline" in stage_line(console, "blockdev")
+
+    # 3: the trace as a profile, published with version 2; a fresh cache prefetches it
+    prof = s.work / "profile"
+    prof.write_bytes(profilemod.encode(profilemod.merge([trace])))
+    res = publish.publish(
+        s.image, s.mirror, "demo", keys.load_secret_key(s.key), version=2, profile_file=prof
+    )
+    digest = res.meta.profile
+    assert digest is not None
+    index = decode((s.mirror / layout.index_path("demo", res.meta.index)).read_bytes())
+    before = len(s.nginx.requests())
+    with boot(s, "profile", mirrors, cache_disk(s.work / "cache3.img")) as g:
+        g.expect(MARKER, timeout=BOOT_TIMEOUT)
+        console = g.console()
+    assert "demo v2 verified" in stage_line(console, "trust")
+    reqs = s.nginx.requests()[before:]
+    assert f"GET /{layout.profile_path('demo', digest)} HTTP/1.1" in reqs
+    fetched = {r.split()[1].lstrip("/") for r in reqs if r.startswith("GET /blocks/")}
+    wanted = {layout.block_path(index.digest_hex(b)) for b in trace if not index.is_hole(b)}
+    assert wanted <= fetched, f"{len(wanted - fetched)} profile blocks never fetched"
+
+
+def test_boot_refuses_release_signed_by_another_key(setup: Setup, tmp_path: Path) -> None:
+    s = setup
+    other_key = keys.write_keypair(tmp_path / "other")[0]
+    bad = tmp_path / "bad-mirror"
+    publish.publish(s.image, bad, "demo", keys.load_secret_key(other_key), version=1)
+    nginx = Nginx(root=bad, workdir=tmp_path / "nginx").start()
+    try:
+        with boot(
+            s, "badsig", f"seed.mirrors=http://10.0.2.2:{nginx.port}", cache_disk(tmp_path / "c.img")
+        ) as g:
+            g.expect(r"seedboot: trust +FAILED", timeout=BOOT_TIMEOUT)
+            g.expect(r"rebooting in \d+s", timeout=30)
+            g.wait_exit(60)
+            console = g.console()
+    finally:
+        nginx.stop()
+    line = re.search(r"seedboot: trust +FAILED.*", console)
+    assert line and re.search(r"signature|not trusted|key", line.group(0), re.I), line
+    assert "hint:" in console
+    assert "SEEDBOOT-DEMO" not in console
