@@ -115,9 +115,13 @@ class BlockDevice:
         self.memory_blocks = memory_blocks
         self.pending: dict[str, _Pending] = {}
         self.verified: set[str] = set()
+        # stored bytes on their way to the cache: a read in the meantime takes them from here
+        self.writing: dict[str, bytes] = {}
         self.counters = Counters()
         self.throughput = Throughput()
+        # reads someone waits for never queue behind read-ahead: separate pools
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-read")
+        self.ahead_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-ahead")
         self.write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="cache-write")
         self.write_slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
         self.zero = bytes(index.block_size)
@@ -126,11 +130,12 @@ class BlockDevice:
 
     def close(self) -> None:
         self.io_pool.shutdown(wait=True, cancel_futures=True)
+        self.ahead_pool.shutdown(wait=True, cancel_futures=True)
         self.write_pool.shutdown(wait=True)
 
     def _pinned(self, digest: str) -> bool:
         with self.lock:
-            return digest in self.pending
+            return digest in self.pending or digest in self.writing
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -156,6 +161,16 @@ class BlockDevice:
                 self.counters.from_memory += 1
             return plain
 
+    def ahead(self, b: int) -> None:
+        """Make block b local (fetch it into the cache) without holding it in memory."""
+        if self.fetcher is None or self.is_local(b):
+            return
+        d = self.index.digest_hex(b)
+        with self.lock:
+            if d in self.pending or d in self.writing:
+                return
+        self.request(b, READAHEAD, _ignore, keep=False)
+
     def request(self, b: int, prio: int, done: Deliver, keep: bool = True) -> None:
         plain = self.memory(b)
         if plain is not None:
@@ -173,13 +188,18 @@ class BlockDevice:
                         self.fetcher.raise_priority(p.job, prio)
                 return
             self.pending[d] = _Pending([done], prio, keep)
-        if self.cache.has(d):
-            self.io_pool.submit(self._load, b, d)
+        with self.lock:
+            writing = d in self.writing
+        if writing or self.cache.has(d):
+            (self.io_pool if prio == DEMAND else self.ahead_pool).submit(self._load, b, d)
         else:
             self._fetch(b, d)
 
     def _load(self, b: int, d: str) -> None:
-        stored = self.cache.read(d)
+        with self.lock:
+            stored = self.writing.get(d)
+        if stored is None:
+            stored = self.cache.read(d)
         if stored is None:
             self._fetch(b, d)
             return
@@ -229,6 +249,8 @@ class BlockDevice:
                 self.counters.fetched_bytes += len(stored)
                 self.throughput.add(len(stored))
             self.write_slots.acquire()
+            with self.lock:
+                self.writing[d] = stored
             self.write_pool.submit(self._write, d, stored)
             self._deliver(d, plain, "")
 
@@ -244,6 +266,8 @@ class BlockDevice:
         try:
             self.cache.put(d, stored)
         finally:
+            with self.lock:
+                self.writing.pop(d, None)
             self.write_slots.release()
 
     def _deliver(self, d: str, plain: bytes | None, error: str) -> None:
@@ -298,34 +322,59 @@ class BlockDevice:
         }
 
 
-class ReadAhead:
-    """Sequential read detection: after a few consecutive blocks, keep ``window`` blocks
-    requested ahead of the reader (from the cache or the mirrors, into memory)."""
+@dataclass
+class _Stream:
+    last: int  # last block read
+    near: int  # first block not yet requested into memory
+    far: int  # first block not yet requested into the cache
+    streak: int = 0
 
-    def __init__(self, dev: BlockDevice, window: int) -> None:
+
+class ReadAhead:
+    """Sequential read detection: once a stream of reads has moved forward block by block a
+    couple of times, the next ``near`` blocks are loaded into memory and the ``window``
+    after the reader are fetched into the cache (many transfers in flight: what hides
+    latency), without holding them all in memory. A few streams are tracked at once, so a
+    filesystem's metadata reads in between, or two files read at once, do not break one."""
+
+    STREAMS = 4
+
+    def __init__(self, dev: BlockDevice, window: int, near: int = 8) -> None:
         self.dev = dev
         self.window = window
-        self.last = -2
-        self.streak = 0
-        self.next = 0
+        self.near = min(near, window)
+        self.streams: list[_Stream] = []
 
     def note(self, first: int, last: int) -> None:
-        if first in (self.last, self.last + 1):
-            self.streak += 1
-        elif not (self.last < first <= self.next):
-            self.streak = 0
-            self.next = last + 1
-        self.last = last
-        if self.streak < 2 or self.window <= 0:
+        if self.window <= 0:
             return
-        self.next = max(self.next, last + 1)
-        end = min(last + 1 + self.window, self.dev.index.nblocks)
-        while self.next < end:
-            b = self.next
-            self.next += 1
-            if self.dev.index.is_hole(b):
-                continue
-            self.dev.request(b, READAHEAD, _ignore)
+        s = next((s for s in self.streams if s.last - 1 <= first <= max(s.far, s.last + 1)), None)
+        if s is None:
+            self.streams.insert(0, _Stream(last=last, near=last + 1, far=last + 1))
+            del self.streams[self.STREAMS :]
+            return
+        self.streams.remove(s)
+        self.streams.insert(0, s)
+        if last > s.last:
+            s.streak += 1
+        s.last = max(s.last, last)
+        if s.streak < 2:
+            return
+        nblocks = self.dev.index.nblocks
+        s.near = max(s.near, s.last + 1)
+        end = min(s.last + 1 + self.near, nblocks)
+        while s.near < end:
+            b = s.near
+            s.near += 1
+            if not self.dev.index.is_hole(b):
+                self.dev.request(b, READAHEAD, _ignore)
+        s.far = max(s.far, s.near)
+        end = min(s.last + 1 + self.window, nblocks)
+        while s.far < end:
+            b = s.far
+            s.far += 1
+            if not self.dev.index.is_hole(b):
+                self.dev.ahead(b)
 
 
 def _ignore(plain: bytes | None, error: str) -> None:

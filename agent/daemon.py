@@ -195,12 +195,12 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
 
 
 def _bound_memory() -> None:
-    """Block buffers (~256 KiB) come and go all the time. glibc would raise its mmap threshold
-    after the first free and then keep them in per-thread arenas that only grow; a fixed
-    threshold and two arenas hand the memory back to the system."""
+    """Block buffers (~256 KiB) come and go all the time. Served from the heap they cost no
+    page faults (an mmap per buffer faults in every page, every time); two arenas instead of
+    one per thread keep what the heap holds on to bounded."""
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
@@ -227,6 +227,17 @@ def _mount_dev(mountpoint: Path) -> str | None:
     except OSError:
         return None
     return dev
+
+
+def _after_init(mountpoint: Path) -> None:
+    """The kernel sets the FUSE bdi's read-ahead when the INIT handshake completes (capped at
+    its 128 KiB default), so raise it afterwards: a stat (answered by the FUSE loop, this is
+    another thread) waits for INIT."""
+    try:
+        os.stat(mountpoint)
+    except OSError:
+        return
+    _tune_read_ahead(mountpoint)
 
 
 def _tune_read_ahead(mountpoint: Path) -> None:
@@ -263,11 +274,10 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     cache = BlockCache(opts.cache, opts.cache_max)
     rel, mirrors = open_trusted(opts, cache)
     fetcher = Fetcher(mirrors, opts.conns).start() if mirrors is not None else None
-    # read-ahead keeps as many blocks coming as transfers may be in flight (that is what hides
-    # latency), and memory holds the window plus the blocks being read
-    window = max(8, min(opts.conns, 32))
-    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=window + 8)
-    readahead = ReadAhead(dev, window)
+    # read-ahead keeps as many blocks coming into the cache as transfers may be in flight
+    # (that is what hides latency); memory holds only the next few and those being read
+    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=24)
+    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=8)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     prefetcher: Prefetcher | None = None
     if opts.prefetch == "all":
@@ -316,7 +326,6 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         opts.mountpoint,
         ", offline" if fetcher is None else f", mirror {mirrors.current().url}" if mirrors else "",
     )
-    _tune_read_ahead(mountpoint)
     if prefetcher is not None:
         prefetcher.start()
 
@@ -324,6 +333,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         fs.token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as n:
             n.start_soon(_signals, mountpoint)
+            n.start_soon(trio.to_thread.run_sync, _after_init, mountpoint)
             if ready_fd is not None:
                 os.write(ready_fd, b"ok\n")
                 os.close(ready_fd)

@@ -28,6 +28,15 @@ NAMES = {b"disk.img": DISK, b"status.json": STATUS}
 STATUS_FH_BASE = 1000
 
 
+class _Wait:
+    """One block a read waits for: set by whichever thread delivers it."""
+
+    def __init__(self, plain: bytes | None = None) -> None:
+        self.plain = plain
+        self.error = ""
+        self.event = trio.Event()
+
+
 class SeedFS(pyfuse3.Operations):
     def __init__(
         self,
@@ -121,7 +130,7 @@ class SeedFS(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         if fh != DISK:
             data = self.status_files.get(fh, b"")
             return data[off : off + size]
@@ -133,40 +142,37 @@ class SeedFS(pyfuse3.Operations):
         self.dev.counters.read_bytes += end - off
         if self.recorder is not None:
             self.recorder.note(first, last)
+        # ask for what this read needs first, then for read-ahead, then wait
+        waits = [self._request(b) for b in range(first, last + 1)]
         if self.readahead is not None:
             self.readahead.note(first, last)
-        if first == last:
-            plain = await self._block(first)
-            base = first * self.bs
-            return plain[off - base : end - base]
-        parts: dict[int, bytes] = {}
-
-        async def get(b: int) -> None:
-            parts[b] = await self._block(b)
-
-        async with trio.open_nursery() as n:
-            for b in range(first, last + 1):
-                n.start_soon(get, b)
-        data = b"".join(parts[b] for b in range(first, last + 1))
         base = first * self.bs
-        return data[off - base : end - base]
+        if first == last:
+            plain = await self._wait(first, waits[0])
+            # pyfuse3 takes any buffer: a view saves copying (and faulting in) every reply
+            return memoryview(plain)[off - base : end - base]
+        # all are requested already: waiting in order costs no parallelism
+        parts = [await self._wait(b, w) for b, w in zip(range(first, last + 1), waits, strict=True)]
+        return memoryview(b"".join(parts))[off - base : end - base]
 
-    async def _block(self, b: int) -> bytes:
+    def _request(self, b: int) -> _Wait:
         plain = self.dev.memory(b)
         if plain is not None:
-            return plain
-        ev = trio.Event()
-        box: list[tuple[bytes | None, str]] = []
+            return _Wait(plain)
+        w = _Wait()
         token = self.token
 
         def done(p: bytes | None, error: str) -> None:
-            box.append((p, error))
-            token.run_sync_soon(ev.set)
+            w.plain, w.error = p, error
+            token.run_sync_soon(w.event.set)
 
         self.dev.request(b, DEMAND, done)
-        await ev.wait()
-        p, error = box[0]
-        if p is None:
-            log.error("read of block %d failed: %s", b, error)
+        return w
+
+    async def _wait(self, b: int, w: _Wait) -> bytes:
+        if w.plain is None:
+            await w.event.wait()
+        if w.plain is None:
+            log.error("read of block %d failed: %s", b, w.error)
             raise pyfuse3.FUSEError(errno.EIO)
-        return p
+        return w.plain
