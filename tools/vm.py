@@ -8,6 +8,7 @@ Software emulation here (no KVM): -smp 1 and little memory keep several guests p
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -97,7 +98,7 @@ class Machine:
         pending = b""
         with open(self.log, "wb") as logf:
             while True:
-                chunk = self.proc.stdout.read1(4096)
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
                 if not chunk:
                     break
                 logf.write(chunk)
