@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.demoroot_cmd",
     "seedboot.tools.proxy_cmd",
     "seedboot.tools.mkseed_cmd",
+    "seedboot.tools.demo_cmd",
     "seedboot.agent.mount_cmd",
 )
 
