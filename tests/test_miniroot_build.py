@@ -158,18 +158,18 @@ def test_mkinitramfs_rejects_a_bad_key_and_unknown_module(tmp_path: Path) -> Non
 
 
 def test_frozen_agent_runs_from_the_extracted_initramfs(extracted: Path) -> None:
-    agent = extracted / "opt" / "seedboot" / "seedboot-agent"
-    # An empty environment: the runtime must not lean on the host's Python or PYTHON* variables.
-    p = subprocess.run([str(agent), "selftest"], capture_output=True, text=True, env={}, timeout=120)
+    rt = extracted / "opt" / "seedboot"
+    agent = rt / "seedboot-agent"
+    # Its loader is /run/seedboot/lib/ld-linux-x86-64.so.2, which is not on the host: start it through
+    # the runtime's loader. An empty environment: no leaning on the host's Python or PYTHON* variables.
+    loader = str(rt / "lib" / "ld-linux-x86-64.so.2")
+    p = subprocess.run([loader, str(agent), "selftest"], capture_output=True, text=True, env={}, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "selftest ok" in p.stdout
     for mod in ("pycurl", "pyfuse3", "pyudev", "psutil", "netifaces", "zstandard", "cryptography"):
         assert f"{mod}:" in p.stdout
-    # argv[0] is free (the block daemon runs as "@seedboot-blockdev"): the runtime is found anyway.
-    p = subprocess.run(
-        ["@seedboot-blockdev", "--version"], executable=str(agent), capture_output=True, text=True, env={}
-    )
-    assert p.returncode == 0 and p.stdout.startswith("seedboot-agent "), p.stdout + p.stderr
+    interp = subprocess.run(["readelf", "-l", str(agent)], capture_output=True, text=True).stdout
+    assert "[Requesting program interpreter: /run/seedboot/lib/ld-linux-x86-64.so.2]" in interp
 
 
 def test_frozen_runtime_has_no_host_paths(extracted: Path) -> None:
@@ -229,20 +229,27 @@ def test_frozen_agent_starts_in_the_guest(image: Path, tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_demo_root_boots_through_initramfs_modules_and_overlay(tmp_path: Path, pubkey: Path) -> None:
     """The demo root on a virtio disk, mounted by a stand-in /init with the initramfs's busybox
-    modprobe (modules.dep), read-only under a tmpfs overlay, then switch_root: the marker appears."""
+    modprobe (modules.dep), read-only under a tmpfs overlay; /run (with the agent runtime bound in,
+    as the real /init does) moves along and busybox switch_root frees the initramfs: the frozen
+    agent still runs from /run/seedboot in the new root, and the demo root's marker appears."""
     hooks = tmp_path / "hooks"
     (hooks / "test.d").mkdir(parents=True)
     script = hooks / "test.d" / "mount-demo"
+    init_sh = (mkinitramfs.INITRAMFS_SRC / "files" / "init.sh").read_text()
+    # The real /init's runtime set-up, up to (not including) its exec of the agent.
+    setup = init_sh.split("grep -qw seedinit.debug")[0]
     script.write_text(
-        "#!/bin/sh\nexport PATH=/sbin:/bin\n"
-        "mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n"
+        setup + "mount -t sysfs sys /sys\n"
         "modprobe virtio_pci; modprobe virtio_blk; modprobe ext4; modprobe overlay\n"
         "for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.5; done\n"
         "mkdir -p /lower /upper; mount -t ext4 -o ro /dev/vda /lower || exec sh\n"
         "mount -t tmpfs tmpfs /upper; mkdir -p /upper/u /upper/w\n"
         "mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w overlay /newroot || exec sh\n"
-        "mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev\n"
-        "exec switch_root /newroot /sbin/init\n"
+        "for m in proc sys dev run; do mount --move /$m /newroot/$m; done\n"
+        "exec switch_root /newroot /bin/sh -c "
+        # argv[0] "@...": the block daemon's name; the runtime is found without it.
+        '\'echo "after switch: $(exec -a @seedboot-blockdev /run/seedboot/seedboot-agent --version)";'
+        " exec /sbin/init'\n"
     )
     script.chmod(0o755)
     initrd = tmp_path / "initrd.img"
@@ -255,4 +262,5 @@ def test_demo_root_boots_through_initramfs_modules_and_overlay(tmp_path: Path, p
     ) as g:  # fmt: skip
         m = g.expect(rf"({demoroot.MARKER_OK}|{demoroot.MARKER_FAIL}).*", timeout=240)
         g.wait_exit(timeout=60)
+    assert re.search(r"^after switch: seedboot-agent \S+", g.console(), re.MULTILINE), g.tail()
     assert m.group(0).startswith(f"{demoroot.MARKER_OK} sha256=ok overlay=ok root=overlay fstype=overlay")

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 AGENT_SRC = REPO / "agent"
 FILES = REPO / "initramfs" / "files"
+RUN_HOME = "/run/seedboot"
+LOADER = f"{RUN_HOME}/lib/ld-linux-x86-64.so.2"
 
 # Third-party packages frozen whole (their lazy imports would escape modulefinder).
 PACKAGES: tuple[str, ...] = (
@@ -167,6 +169,8 @@ def compile_launcher(out: Path) -> None:
             f"-lpython{sysconfig.get_python_version()}",
             # DT_RPATH (not RUNPATH): it also applies to libraries that dlopen'ed extension modules need.
             "-Wl,--disable-new-dtags,-rpath,$ORIGIN/lib",
+            # The runtime's own loader: it must match the runtime's libc, whatever root is mounted.
+            f"-Wl,--dynamic-linker={LOADER}",
         ]
     )
 
@@ -353,9 +357,13 @@ def shared_libraries(elves: list[Path], extra: Iterable[str]) -> dict[str, Path]
             if not m:
                 continue
             if m.group(3):
-                libs[Path(m.group(3)).name] = Path(m.group(3))
+                loader = Path(m.group(3))
+                if str(loader) == LOADER:  # the launcher names the runtime's future copy
+                    loader = Path("/lib64") / loader.name
+                libs[loader.name] = loader
             elif not m.group(1).startswith("libpython"):
-                libs[m.group(1)] = Path(m.group(2))
+                # "/run/seedboot/lib/ld-linux-x86-64.so.2 => /lib64/..." names the loader by path.
+                libs[Path(m.group(1)).name] = Path(m.group(2))
     return libs
 
 

@@ -192,7 +192,6 @@ def base_entries() -> Iterator[cpio.Entry]:
         yield cpio.directory(d, 0o1777 if d == "tmp" else 0o755)
     yield cpio.symlink("usr/bin", "../bin")
     yield cpio.symlink("usr/sbin", "../sbin")
-    yield cpio.symlink("lib64", "lib")
     # The kernel opens /dev/console for init's stdio before anything could mount devtmpfs.
     yield cpio.chardev("dev/console", 5, 1)
     yield cpio.chardev("dev/null", 1, 3, 0o666)
@@ -223,15 +222,12 @@ def build(
     print("freezing the agent ...", flush=True)
     rt = freeze.freeze(work / "runtime", agent_src)
     runtime_size = freeze.size_of(rt.root)
-    loader = rt.root / "lib" / "ld-linux-x86-64.so.2"
 
     build_id = source_hash([agent_src, hooks, INITRAMFS_SRC, *pubkeys])
     entries: list[cpio.Entry] = [
         *base_entries(),
         *busybox_entries(),
         *cpio.tree(work / "modules" / "lib" / "modules", "lib/modules"),
-        # The runtime's ELF files name this loader; it is the same file as the runtime's copy.
-        cpio.file("lib/ld-linux-x86-64.so.2", loader.read_bytes(), 0o755),
         cpio.directory("opt"),
         *cpio.tree(rt.root, RUNTIME),
         cpio.directory("etc/seedboot"),

@@ -5,10 +5,13 @@
  * probing and environment lookups (each file system probe costs under emulation).
  * The runtime sits next to this file: lib/ (shared libraries, found through RPATH $ORIGIN/lib)
  * and python/ (sourceless .pyc and extension modules). See initramfs/README.md.
+ * Its ELF interpreter is /run/seedboot/lib/ld-linux-x86-64.so.2 (set at link time), so it also
+ * starts in a booted root without glibc, or with another glibc whose loader would not match.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -31,6 +34,15 @@ int main(int argc, char **argv) {
         return 127;
     }
     exe[n] = '\0';
+    /* Started through the loader ("lib/ld-linux-x86-64.so.2 seedboot-agent ..."): the program
+     * is argv[0], not /proc/self/exe. */
+    const char *base = strrchr(exe, '/');
+    if (base != NULL && strncmp(base + 1, "ld-linux", 8) == 0 && argc > 0 &&
+        realpath(argv[0], exe) == NULL) {
+        perror("seedboot-agent: realpath argv[0]");
+        return 127;
+    }
+    n = (ssize_t)strlen(exe);
     char home[PATH_MAX];
     memcpy(home, exe, (size_t)n + 1);
     char *slash = strrchr(home, '/');
