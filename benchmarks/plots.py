@@ -5,6 +5,7 @@ over boot time, one curve per configuration, one figure per latency. Needs matpl
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,7 +55,8 @@ def write(rows: Sequence[Row], out: Path) -> list[Path]:
             run = row.median_run()
             assert run is not None and run.seconds is not None
             times, cum, rate = series(run.trace, run.seconds)
-            label = f"({row.config.key}) {row.config.label.split(',')[0]}: {run.seconds:.1f} s"
+            name = re.sub(r", \d+ ms$", "", row.config.label)
+            label = f"({row.config.key}) {name}: {run.seconds:.1f} s, {run.wire_bytes / 1e6:.0f} MB"
             line = ax_traffic.step(times, cum, where="post", label=label)[0]
             ax_traffic.plot([run.seconds], [cum[-1]], "o", color=line.get_color())
             ax_rate.step([i * BIN for i in range(len(rate))], rate, where="post", color=line.get_color())

@@ -27,9 +27,10 @@ CACHE_SIZE = "2G"
 # Same order as the agent's stages; "kernel" is QEMU start to the first stage, "os" the switch
 # to the marker.
 STAGE_LINE = re.compile(r"seedboot: (\w+)\s+ok\s+([\d.]+)s")
-AGENT_UP = re.compile(
-    r"\[\s*([\d.]+)s\] seedboot: agent \S+ up: kernel started init at ([\d.]+)s, agent ready at ([\d.]+)s"
-)
+# "[  9.41s] seedboot: agent 0.1.0 up at 9.39s (kernel ran /init at 4.44s)"
+AGENT_UP = re.compile(r"\[\s*([\d.]+)s\] seedboot: agent \S+ up\b")
+AGENT_READY = re.compile(r"(?:up|ready) at ([\d.]+)s")
+AGENT_INIT = re.compile(r"init at ([\d.]+)s")
 
 
 def seedboot(*args: str) -> str:
@@ -37,7 +38,8 @@ def seedboot(*args: str) -> str:
     log.info("$ seedboot %s", " ".join(args))
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        raise RuntimeError(f"seedboot {' '.join(args)} failed: {(p.stderr or p.stdout).strip()}")
+        last = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"seedboot {args[0]} failed: {last[0]}")
     return p.stdout
 
 
@@ -182,9 +184,12 @@ def stages(lines: list[tuple[float, str]], marker_at: float | None) -> dict[str,
     last_end = 0.0
     for t, line in lines:
         up = AGENT_UP.search(line)
-        if up:
-            uptime, init_at, ready = (float(g) for g in up.groups())
-            out.update({"firmware": t - uptime, "kernel": init_at, "agent start": ready - init_at})
+        ready, init = AGENT_READY.search(line), AGENT_INIT.search(line)
+        if up and ready and init:
+            uptime, init_at = float(up.group(1)), float(init.group(1))
+            out.update(
+                {"firmware": t - uptime, "kernel": init_at, "agent start": float(ready.group(1)) - init_at}
+            )
             continue
         m = STAGE_LINE.search(line)
         if not m:

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks import boot
+from tests import artifacts
 
 
 @pytest.mark.qemu
 def test_smoke_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert boot.main(["--smoke", "--no-plots", "--out", str(tmp_path)]) == 0
+    kernel = str(artifacts.kernel_dir())
+    assert boot.main(["--smoke", "--no-plots", "--out", str(tmp_path), "--kernel", kernel]) == 0
     out = capsys.readouterr().out
     assert "(a)  local disk, busybox initramfs" in out
     assert "(e4) QEMU curl, default readahead, 100 ms" in out
