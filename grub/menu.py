@@ -143,7 +143,7 @@ def render(cfg: MenuConfig) -> str:
             n,
             n,
             (),
-            f"{n}, newest signed version, streamed from the mirrors and cached on this disk",
+            f"{n}, newest signed version, from the mirrors",
         )
         lines += _entry(
             cfg,
@@ -151,7 +151,7 @@ def render(cfg: MenuConfig) -> str:
             f"{n}-offline",
             n,
             ("seed.offline",),
-            f"{n}, offline: the last verified version, from this disk's cache only",
+            f"{n}, offline, from this disk's cache only",
             HOTKEY_OFFLINE if first else "",
         )
         lines += _entry(
@@ -160,7 +160,7 @@ def render(cfg: MenuConfig) -> str:
             f"{n}-record",
             n,
             ("seed.record",),
-            f"{n}, recording which blocks this boot reads (for seedboot profile merge)",
+            f"{n}, recording a boot profile on the cache",
             HOTKEY_RECORD if first else "",
         )
         if img.older:
@@ -172,7 +172,7 @@ def render(cfg: MenuConfig) -> str:
                     f"{n}-v{v.version}",
                     n,
                     (f"seed.version={v.version}",),
-                    f"{n} version {v.version} (rollback to an older signed version)",
+                    f"{n} version {v.version} (rollback)",
                     indent="    ",
                 )
             lines.append("}")
@@ -183,7 +183,7 @@ def render(cfg: MenuConfig) -> str:
         "rescue",
         cfg.images[0].name,
         RESCUE_ARGS,
-        "rescue: a shell before the mirror stage (exit the shell to continue the boot)",
+        "rescue shell before the mirror stage (exit it to go on)",
         HOTKEY_RESCUE,
     )
     return "\n".join(lines) + "\n"
