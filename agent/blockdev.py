@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[bytes | None, str], None]
 
 # In-flight writes to the cache, beyond which verification (and so fetching) waits: this
-# bounds the memory a fast mirror and a slow disk can pile up.
-MAX_PENDING_WRITES = 16
+# bounds the memory a fast mirror and a slow disk can pile up. Each write is fsynced (~5 ms
+# here); several writer threads let the filesystem commit their fsyncs together.
+MAX_PENDING_WRITES = 24
 
 
 @dataclass
@@ -105,7 +106,7 @@ class BlockDevice:
         fetcher: Fetcher | None,
         memory_blocks: int = 48,
         io_threads: int = 2,
-        write_threads: int = 2,
+        write_threads: int = 6,
     ) -> None:
         self.index = index
         self.cache = cache

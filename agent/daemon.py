@@ -194,16 +194,24 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
 # -- the daemon ----------------------------------------------------------------------------
 
 
-def _bound_memory() -> None:
+def _bound_memory() -> threading.Event:
     """Block buffers (~256 KiB) come and go all the time. Served from the heap they cost no
     page faults (an mmap per buffer faults in every page, every time); two arenas instead of
-    one per thread keep what the heap holds on to bounded."""
+    one per thread, and a trim every few seconds, hand back what a burst left free."""
+    stop = threading.Event()
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
-        pass
+        return stop
+
+    def trim() -> None:
+        while not stop.wait(2.0):
+            libc.malloc_trim(0)
+
+    threading.Thread(target=trim, name="trim", daemon=True).start()
+    return stop
 
 
 def _protect() -> None:
@@ -270,14 +278,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     if not opts.mountpoint.is_dir():
         raise SeedError(f"mount point {opts.mountpoint} is not a directory", "mkdir it first")
     mountpoint = opts.mountpoint.resolve()
-    _bound_memory()
+    stop_trim = _bound_memory()
     cache = BlockCache(opts.cache, opts.cache_max)
     rel, mirrors = open_trusted(opts, cache)
     fetcher = Fetcher(mirrors, opts.conns).start() if mirrors is not None else None
     # read-ahead keeps as many blocks coming into the cache as transfers may be in flight
     # (that is what hides latency); memory holds only the next few and those being read
-    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=24)
-    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=8)
+    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=16)
+    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=6)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     prefetcher: Prefetcher | None = None
     if opts.prefetch == "all":
@@ -351,6 +359,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if fetcher is not None:
             fetcher.stop()
         dev.close()
+        stop_trim.set()
         pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)
     return 0
 

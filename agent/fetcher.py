@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import io
 import itertools
 import logging
 import os
@@ -74,10 +73,16 @@ class FetchStats:
 
 
 @dataclass
+class _Buffer:
+    data: bytearray
+    n: int = 0
+
+
+@dataclass
 class _Transfer:
     job: Job
     mirror: Mirror
-    buf: io.BytesIO
+    buf: _Buffer
     t0: float
 
 
@@ -173,14 +178,15 @@ class Fetcher:
     def _start(self, job: Job, m: Mirror) -> None:
         pycurl = self.pycurl
         c = self._handle()
-        buf = io.BytesIO()
-        limit = job.stored_len
+        # the index says how long the block is: one buffer of that size, filled in place
+        buf = _Buffer(bytearray(job.stored_len))
 
         def write(chunk: bytes) -> int | None:
-            # a mirror sending more than the index says is wrong: stop reading at once
-            if buf.tell() + len(chunk) > limit:
-                return 0
-            buf.write(chunk)
+            n = len(chunk)
+            if buf.n + n > len(buf.data):
+                return 0  # a mirror sending more than the index says is wrong: stop at once
+            buf.data[buf.n : buf.n + n] = chunk
+            buf.n += n
             return None
 
         url = f"{m.url}/{layout.block_path(job.digest)}"
@@ -267,7 +273,7 @@ class Fetcher:
         self.multi.remove_handle(c)
         status = int(c.getinfo(pycurl.RESPONSE_CODE)) if not curl_error else 0
         self.free.append(c)
-        data = t.buf.getvalue()
+        data = bytes(memoryview(t.buf.data)[: t.buf.n])
         with self.lock:
             self.stats.transfers += 1
             self.stats.bytes += len(data)

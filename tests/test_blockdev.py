@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,10 @@ class Mount:
     def status(self) -> dict[str, object]:
         result: dict[str, object] = json.loads((self.mountpoint / "status.json").read_bytes())
         return result
+
+    def mirrors(self) -> dict[str, dict[str, Any]]:
+        ms: list[dict[str, Any]] = self.status()["mirrors"]  # type: ignore[assignment]
+        return {x["url"]: x for x in ms}
 
     def wait_prefetch(self, timeout: float = 120) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -491,4 +496,46 @@ def test_boot_options_argv0_cached_release_and_rollback(
         rig.mount([srv.url], cache, "--prefetch", "off", pub=published.pub, check=False)
     m = rig.mount([srv.url], cache, "--version", "1", "--prefetch", "off", pub=published.pub)
     assert m.status()["version"] == 1
+    clean_umount(m)
+
+
+# -- mirror choice ---------------------------------------------------------------------------
+
+
+def test_probe_picks_the_fastest_mirror(published: Published, nginx: Callable[..., Nginx], rig: Rig) -> None:
+    srv = nginx(published.mirror)
+    host, port = srv.url.removeprefix("http://").split(":")
+    with LatencyProxy(upstream=(host, int(port)), rtt=0.1) as slow:
+        m = rig.mount([slow.url, srv.url], rig.tmp / "cache", "--prefetch", "off", pub=published.pub)
+        with open(m.disk, "rb") as f:
+            f.read(4 << 20)
+        mirrors = m.status()["mirrors"]
+        assert isinstance(mirrors, list)
+        assert [x["url"] for x in mirrors] == [srv.url, slow.url]
+        assert mirrors[0]["ttfb_ms"] < mirrors[1]["ttfb_ms"]
+        assert mirrors[0]["fetched"] > 0 and mirrors[1]["fetched"] == 0
+        out = seedboot("status", m.mountpoint).stdout
+        assert f"mirror 1  in use {srv.url}" in out
+        clean_umount(m)
+
+
+def test_failed_mirror_is_retried_after_backoff(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    first, second = nginx(published.mirror), nginx(published.mirror)
+    m = rig.mount(
+        [first.url, second.url], rig.tmp / "cache", "--no-probe", "--prefetch", "off", pub=published.pub
+    )
+    first.stop()
+    with open(m.disk, "rb") as f:
+        f.seek(8 << 20)
+        f.read(1 << 20)  # the first mirror fails, the second delivers
+        st = m.mirrors()
+        assert st[first.url]["errors"] > 0 and st[second.url]["fetched"] > 0
+        first.start()
+        time.sleep(4.5)  # longer than the backoff of a few failures (1 s, doubling)
+        f.seek(32 << 20)
+        f.read(4 << 20)
+    st = m.mirrors()
+    assert st[first.url]["fetched"] > 0, st
     clean_umount(m)
