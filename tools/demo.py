@@ -273,7 +273,6 @@ def summary(reports: list[BootReport], published: publish.PublishResult, disks: 
         "the first boot fetched only the blocks it read, the second none.",
         "prefetched: none - no boot profile is published yet (boot the 'record a boot profile' entry, "
         "then seedboot profile merge + publish --profile).",
-        "seed disks: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in disks.values()),
     ]
     return "\n".join(lines)
 
