@@ -7,6 +7,7 @@ import re
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import zstandard
 from seedboot.agent.errors import SeedError
 from seedboot.tools import cpio, demoroot, mkinitramfs
 from tests import artifacts
+from tests.helpers import Nginx
 from tests.qemu import Disk, Guest
 
 # The issue's aim is 12 MB; the agent's run-time libraries (cryptography ~3.5 MB, libcurl's
@@ -264,3 +266,29 @@ def test_demo_root_boots_through_initramfs_modules_and_overlay(tmp_path: Path, p
         g.wait_exit(timeout=60)
     assert re.search(r"^after switch: seedboot-agent \S+", g.console(), re.MULTILINE), g.tail()
     assert m.group(0).startswith(f"{demoroot.MARKER_OK} sha256=ok overlay=ok root=overlay fstype=overlay")
+
+
+def test_runtime_libcurl_fetches_http_with_its_feature_stubs(
+    extracted: Path, nginx: Callable[..., Nginx], tmp_path: Path
+) -> None:
+    """The runtime's libcurl (RTMP/LDAP/GSSAPI/IDN/PSL libraries replaced by stand-ins) still
+    fetches over HTTP, and an unsupported scheme fails with an error instead of crashing."""
+    lib = extracted / "opt" / "seedboot" / "lib"
+    assert not (lib / "libgnutls.so.30").exists() and not (lib / "libkrb5.so.3").exists()
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "block").write_bytes(b"seed" * 1000)
+    server = nginx(www)
+    code = (
+        "import io, sys, pycurl\n"
+        "b = io.BytesIO(); c = pycurl.Curl(); c.setopt(c.URL, sys.argv[1]); c.setopt(c.WRITEDATA, b)\n"
+        "c.perform(); print(c.getinfo(c.RESPONSE_CODE), len(b.getvalue()))\n"
+        "c.setopt(c.URL, 'ldap://127.0.0.1/x')\n"
+        "try:\n    c.perform()\nexcept pycurl.error as e:\n    print('ldap', e.args[0])\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, f"{server.url}/block"],
+        capture_output=True, text=True, env={"LD_LIBRARY_PATH": str(lib)}, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:2] == ["200 4000", "ldap 3"]

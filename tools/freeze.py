@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seedboot.agent.errors import SeedError
+from seedboot.tools import stublib
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,23 @@ def strip(files: Iterable[Path]) -> None:
         run(["strip", "--strip-unneeded", *paths])
 
 
+def prune_libraries(root: Path, keep: list[str]) -> None:
+    """Delete libraries in ROOT/lib that nothing needs any more (the stubs cut off whole trees)."""
+    lib = root / "lib"
+    todo = [e for e in elf_files(root) if e.parent != lib] + [lib / k for k in keep]
+    reached: set[str] = set()
+    while todo:
+        e = todo.pop()
+        for name in stublib.needed(e):
+            if name not in reached and (lib / name).exists():
+                reached.add(name)
+                todo.append(lib / name)
+    for p in sorted(lib.iterdir()):
+        if p.name not in reached and p.name not in keep:
+            log.info("dropping %s: nothing needs it", p.name)
+            p.unlink()
+
+
 def drop_search_paths(path: Path) -> bool:
     """Remove DT_RUNPATH/DT_RPATH from an ELF64 file's dynamic section; True if one was there.
 
@@ -440,7 +458,16 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
     libs = shared_libraries(elves, extra=["libudev.so.1", *TPM_LIBRARIES])
     for soname, path in sorted(libs.items()):
         shutil.copy2(path, lib / soname)
-    rt.libraries = sorted([libpython.name, *libs])
+    stub_names = {st.soname for st in stublib.STUBS}
+    for st in stublib.STUBS:
+        if st.soname in libs:
+            consumers = [
+                e for e in elf_files(out) if e.name not in stub_names and st.soname in stublib.needed(e)
+            ]
+            stublib.build(st, libs[st.soname], consumers, lib / st.soname)
+    # Loaded with dlopen/ctypes, so no ELF names them: kept whatever the pruning finds.
+    prune_libraries(out, keep=["libudev.so.1", *TPM_LIBRARIES, "ld-linux-x86-64.so.2"])
+    rt.libraries = sorted(p.name for p in lib.iterdir())
     strip(f for f in elf_files(out) if f.name != "seedboot-agent" and not f.name.startswith("ld-linux"))
     for f in elf_files(out):
         if f.name != "seedboot-agent" and drop_search_paths(f):
