@@ -70,6 +70,9 @@ def initramfs(pubkeys: list[Path], level: int = 19) -> Path:
     with locked("initramfs"):
         if not out.exists():
             mkinitramfs.build(k, pubkeys, out, level=level)
+            # Every agent edit makes a new image: keep the build directory from filling up.
+            for old in sorted(ARTIFACTS.glob("initramfs-*.img"), key=lambda p: p.stat().st_mtime)[:-8]:
+                old.unlink(missing_ok=True)
     return out
 
 
