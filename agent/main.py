@@ -13,7 +13,20 @@ import sys
 from collections.abc import Sequence
 
 RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "psutil", "netifaces", "zstandard", "cryptography")
-INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help")
+INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help", "blockdev-wait")
+# What the block daemon imports: loaded ahead by ``blockdev-wait`` while PID 1 does other work.
+DAEMON_MODULES = (
+    "seedboot.agent.daemon",
+    "seedboot.agent.fusefs",
+    "seedboot.agent.fetcher",
+    "seedboot.agent.mount_cmd",
+    "seedboot.agent.release",
+    "pyfuse3",
+    "trio",
+    "pycurl",
+    "zstandard",
+    "cryptography.hazmat.primitives.asymmetric.ed25519",
+)
 
 
 def version() -> str:
@@ -88,6 +101,37 @@ def _block_commands(argv: list[str]) -> int:
         return 1
 
 
+def blockdev_wait(args: list[str]) -> int:
+    """Import the block daemon's modules now, then wait for its command line on ``--opts-fd``.
+
+    The boot starts this early (as ``@seedboot-blockdev``), so the daemon's interpreter start
+    and imports (seconds under emulation) overlap the hardware, network and trust stages.
+    An empty command line (the boot went another way) ends it."""
+    import importlib
+    import json
+
+    if len(args) != 2 or args[0] != "--opts-fd" or not args[1].isdigit():
+        print("usage: seedboot-agent blockdev-wait --opts-fd FD", file=sys.stderr)
+        return 2
+    fd = int(args[1])
+    # Import only when PID 1 is idle: it is on the boot's critical path, this is not (yet).
+    # PID 1 sets the priority back before it hands over the command line.
+    os.nice(10)
+    for name in DAEMON_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            print(f"seedboot-agent blockdev-wait: cannot import {name}: {e}", file=sys.stderr)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    argv = json.loads(b"".join(chunks) or b"[]")
+    if not argv:
+        return 0
+    return _block_commands([str(a) for a in argv])
+
+
 USAGE = """usage: seedboot-agent init | selftest | --version | mount|umount|status ...
   init       boot: run the stages (what PID 1 runs)
   selftest   import every run-time dependency and print versions
@@ -107,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args[0] == "selftest":
         return selftest()
+    if args[0] == "blockdev-wait":
+        return blockdev_wait(args[1:])
     if args[0] == "init":
         from seedboot.agent.stages.runner import init
 

@@ -84,6 +84,7 @@ class Context:
     clock_note: str = ""
     trace: Path | None = None
     daemon_pid: int | None = None
+    prewarmed: object | None = None  # stages.blockdev.Prewarmed: the daemon's process, started early
     loopdev: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

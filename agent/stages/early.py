@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 from seedboot.agent import cmdline as cmdlinemod
@@ -17,6 +18,7 @@ MOUNTS: tuple[tuple[str, str, int, str], ...] = (
     ("/run", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=50%"),
 )
 CMDLINE = "/proc/cmdline"
+log = logging.getLogger(__name__)
 
 
 def mount_kernel_fs() -> list[str]:
@@ -59,6 +61,15 @@ def run(ctx: Context) -> str:
     from seedboot.agent.console import setup_logging
 
     setup_logging(ctx.console, ctx.cmdline.debug, str(ctx.paths.agent_log))
+    # The block daemon's interpreter start and imports take seconds under emulation: begin
+    # them now, in their own process, so they overlap the waits of the stages in between.
+    from seedboot.agent.stages import blockdev
+
+    if ctx.prewarmed is None:
+        try:
+            ctx.prewarmed = blockdev.prewarm(ctx)
+        except OSError as e:
+            log.warning("cannot start the block daemon early (%s); it starts in its stage", e)
     c = ctx.cmdline
     what = f"image {c.name or '?'} v{c.version or 'latest'}"
     what += ", offline" if c.offline else f", {len(c.mirrors)} mirror(s)"

@@ -111,8 +111,16 @@ def run(ctx: Context) -> str:
     except (ImportError, OSError) as e:
         log.warning("pyudev unavailable (%s); walking /sys instead", e)
         scan = modaliases_sysfs
+    t0 = time.monotonic()
     seen, rounds = coldplug(scan, lambda names: modprobe(ctx, names))
+    t1 = time.monotonic()
     modprobe(ctx, ALWAYS)
+    log.debug(
+        "coldplug %.2fs (scan with %s), fuse/loop/overlay/ext4 %.2fs",
+        t1 - t0,
+        scan.__name__,
+        time.monotonic() - t1,
+    )
     need_net = not ctx.cmdline.offline and ctx.cmdline.ip.mode != "off"
     ctx.nics = wait_for("a network interface", nics, NIC_WAIT, ctx) if need_net else nics()
     ctx.disks = disks()

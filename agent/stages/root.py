@@ -139,7 +139,18 @@ def run(ctx: Context) -> str:
             "is the loop module in the miniroot? see /run/seedboot/blockdev.log",
         ) from e
     ctx.loopdev = dev
+    verity_note = ""
     try:
+        if ctx.release is not None:
+            # Chain of trust (agent/verity.py): dm-verity between the loop device and the mount.
+            from seedboot.agent import verity
+            from seedboot.agent.reader import HttpReader
+
+            meta = ctx.release.meta
+            reader = HttpReader(ctx.mirror) if ctx.mirror and not ctx.cmdline.offline else None
+            dev, verity_note = verity.protect(
+                meta.name, meta.verity, dev, ctx.paths.cache, reader, attach_loop
+            )
         fs = fstype(dev)
         lower = ctx.paths.lower
         lower.mkdir(parents=True, exist_ok=True)
@@ -168,4 +179,5 @@ def run(ctx: Context) -> str:
             f"the root file system has no {init}",
             "is this an OS image? boot with init=PATH to run another program",
         )
-    return f"{dev} ({fs}, ro, direct I/O) on {lower}; overlay {where} on {newroot}"
+    verity_note = f"; {verity_note}" if verity_note else ""
+    return f"{dev} ({fs}, ro, direct I/O) on {lower}; overlay {where} on {newroot}{verity_note}"

@@ -124,5 +124,9 @@ def run(ctx: Context) -> str:
             ctx.mirrors.append(url)
     if rel.clock is not None:
         ctx.clock_note = rel.clock.describe()
-    notes = "; ".join(rel.notes)
+    # Chain of trust (agent/tpm.py): TPM rollback counter, then PCR 15 measurement.
+    from seedboot.agent import tpm
+
+    measured = tpm.trust_boot(name, rel.meta.version, rel.meta_digest, ctx.cmdline.version is not None)
+    notes = "; ".join([*rel.notes, *measured])
     return f"{name} v{rel.meta.version} verified {where}; {notes}"

@@ -1,0 +1,245 @@
+"""The boot stages' logic on the host: leases, superblocks, coldplug rounds, loop devices,
+the initramfs cleanup, the runner's failure lines, and mirror+trust against real nginx.
+
+What needs PID 1 in a fresh machine (mounting /proc, switching root) is covered by the QEMU
+boots in test_boot.py; here each piece runs against real files, mounts and servers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from seedboot.agent.cmdline import Cmdline, parse
+from seedboot.agent.console import Console
+from seedboot.agent.errors import SeedError
+from seedboot.agent.stages import (
+    Context,
+    Paths,
+    cache,
+    hardware,
+    mirror,
+    network,
+    root,
+    runner,
+    switch,
+    trust,
+)
+from seedboot.tools import keys, publish
+from tests.helpers import Nginx, keypair
+
+LEASE = """ip=10.0.2.15
+subnet=255.255.255.0
+router=10.0.2.2 10.0.2.3
+dns=10.0.2.3 1.1.1.1
+hostname=seedbox
+domain=example.org
+lease=86400
+serverid=10.0.2.2
+"""
+
+
+def test_lease_and_resolv_conf() -> None:
+    net = network.parse_lease(LEASE, "eth0")
+    assert (net.address, net.gateway, net.dns, net.lease) == (
+        "10.0.2.15/24",
+        "10.0.2.2",
+        ["10.0.2.3", "1.1.1.1"],
+        86400,
+    )
+    assert (net.hostname, net.domain, net.how) == ("seedbox", "example.org", "DHCP")
+    assert network.resolv_conf(net).splitlines()[1:] == [
+        "search example.org",
+        "nameserver 10.0.2.3",
+        "nameserver 1.1.1.1",
+    ]
+    with pytest.raises(SeedError, match="unusable lease"):
+        network.parse_lease("ip=\n", "eth1")
+
+
+def ext4(path: Path, label: str, size: str = "4M") -> str:
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, str(path), size], check=True)
+    out = subprocess.run(["blkid", "-s", "UUID", "-o", "value", str(path)], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_cache_partition_found_by_label_uuid_or_path(tmp_path: Path) -> None:
+    dev, sysblock = tmp_path / "dev", tmp_path / "sys-class-block"
+    dev.mkdir()
+    sysblock.mkdir()
+    for name in ("vda", "vda1", "vda2", "loop0", "sr0"):
+        (sysblock / name).mkdir()
+    (dev / "vda").write_bytes(b"\0" * 8192)  # no file system
+    ext4(dev / "vda1", "BOOT")
+    uuid = ext4(dev / "vda2", "KNXBLOCK")
+    ext4(dev / "loop0", "KNXBLOCK")  # loop devices are never the cache
+
+    def find(spec: str) -> str | None:
+        fs = cache.find(spec, dev_dir=str(dev), sys_class=str(sysblock))
+        return Path(fs.device).name if fs else None
+
+    assert find("LABEL=KNXBLOCK") == "vda2"
+    assert find(f"UUID={uuid.upper()}") == "vda2"
+    assert find("LABEL=BOOT") == "vda1"
+    assert find("LABEL=NONE") is None
+    fs = cache.read_ext(str(dev / "vda2"))
+    assert fs is not None and (fs.label, fs.uuid) == ("KNXBLOCK", uuid)
+    assert cache.read_ext(str(dev / "vda")) is None
+
+
+def test_coldplug_repeats_until_no_new_alias() -> None:
+    # virtio_pci appears first; loading it makes the virtio devices whose aliases pick the rest.
+    world = {"pci:v1AF4d1000": ["virtio:d1", "virtio:d2"], "virtio:d1": [], "virtio:d2": []}
+    present = {"pci:v1AF4d1000"}
+    loads: list[list[str]] = []
+
+    def load(names: list[str]) -> None:
+        loads.append(names)
+        for n in names:
+            present.update(world[n])
+
+    seen, rounds = hardware.coldplug(lambda: set(present), load)
+    assert (seen, rounds) == (3, 2)
+    assert loads == [["pci:v1AF4d1000"], ["virtio:d1", "virtio:d2"]]
+
+
+def test_modaliases_from_this_hosts_sysfs() -> None:
+    aliases = hardware.modaliases_sysfs()
+    assert aliases and all(":" in a for a in aliases)
+    assert "lo" not in hardware.nics()
+
+
+@pytest.mark.root
+def test_loop_device_read_only_with_direct_io(tmp_path: Path) -> None:
+    img = tmp_path / "fs.img"
+    ext4(img, "ROOT", "8M")
+    dev, fd = root.attach_loop(img)
+    try:
+        name = Path(dev).name
+        assert Path(f"/sys/block/{name}/ro").read_text().strip() == "1"
+        assert Path(f"/sys/block/{name}/loop/backing_file").read_text().strip() == str(img)
+        assert root.fstype(dev) == "ext4"
+    finally:
+        os.close(fd)  # autoclear: the device detaches with its last user
+
+
+@pytest.mark.root
+def test_initramfs_cleanup_stays_on_its_file_system(tmp_path: Path) -> None:
+    top = tmp_path / "rootfs"
+    (top / "bin").mkdir(parents=True)
+    (top / "bin" / "busybox").write_text("x")
+    (top / "bin" / "sh").symlink_to("busybox")
+    (top / "run").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(top / "run")], check=True)
+    try:
+        (top / "run" / "keep").write_text("runtime")
+        removed = switch.delete_contents(str(top), os.stat(top).st_dev)
+        assert removed == 3
+        assert sorted(os.listdir(top)) == ["run"]
+        assert (top / "run" / "keep").read_text() == "runtime"
+    finally:
+        subprocess.run(["umount", str(top / "run")], check=True)
+
+
+def context(tmp_path: Path, cmdline: str, out: io.StringIO) -> Context:
+    keysdir = tmp_path / "keys"
+    keysdir.mkdir(exist_ok=True)
+    paths = Paths(
+        run=tmp_path / "run",
+        keys=keysdir,
+        hooks=tmp_path / "hooks",
+        cache=tmp_path / "knxblock",
+        shell="/nonexistent",
+    )
+    paths.cache.mkdir(exist_ok=True)
+    ctx = Context(parse(cmdline), Console(out), paths=paths)
+    ctx.cache_kind = "disk"
+    return ctx
+
+
+def test_failed_stage_prints_stage_cause_hint_then_rescue(tmp_path: Path) -> None:
+    out = io.StringIO()
+    ctx = context(tmp_path, "seed.rescue=reboot", out)
+    hook = ctx.paths.hooks / "pre-mirror.d" / "10-note"
+    hook.parent.mkdir(parents=True)
+    hook.write_text(f"#!/bin/sh\necho $SEED_STAGE > {tmp_path}/hook-ran\n")
+    hook.chmod(0o755)
+    with pytest.raises(runner.RescueExit):
+        runner.run_all(ctx, ("mirror",))
+    text = out.getvalue()
+    assert "seedboot: mirror    FAILED" in text
+    assert "no image named on the kernel command line" in text
+    assert "hint: add seed.name=NAME" in text
+    assert (tmp_path / "hook-ran").read_text() == "mirror\n"
+
+
+@pytest.fixture
+def published(tmp_path: Path, nginx: Callable[..., Nginx]) -> tuple[Nginx, Path, Path]:
+    """A small image published as 'demo' v1 and v2 on nginx; returns (server, key, pubkey)."""
+    key, pub = keypair(tmp_path / "k")
+    img = tmp_path / "img"
+    img.write_bytes(os.urandom(1 << 20))
+    mirror_dir = tmp_path / "mirror"
+    for v in (1, 2):
+        publish.publish(img, mirror_dir, "demo", keys.load_secret_key(key), version=v)
+    return nginx(mirror_dir), key, pub
+
+
+def test_mirror_and_trust_online_then_offline(tmp_path: Path, published: tuple[Nginx, Path, Path]) -> None:
+    server, _key, pub = published
+    out = io.StringIO()
+    ctx = context(tmp_path, f"seed.name=demo seed.mirrors=http://127.0.0.1:1,{server.url}", out)
+    (ctx.paths.keys / "test.pub").write_bytes(pub.read_bytes())
+    assert "using " + server.url in mirror.run(ctx)
+    assert ctx.mirrors[0] == server.url and "http://127.0.0.1:1" in ctx.mirror_errors
+    line = trust.run(ctx)
+    assert f"demo v2 verified from {server.url}" in line and "local clock" in line
+    assert (ctx.paths.cache / "demo" / "latest").read_text().strip() == "2"
+    # offline: the cache's copy, checked again
+    off = context(tmp_path, "seed.name=demo seed.offline", io.StringIO())
+    (off.paths.keys / "test.pub").write_bytes(pub.read_bytes())
+    assert mirror.run(off) == "skipped: seed.offline"
+    assert "demo v2 verified from the cache" in trust.run(off)
+    # an older version only when asked for, and the console says so
+    old = context(tmp_path, f"seed.name=demo seed.version=1 seed.mirrors={server.url}", io.StringIO())
+    (old.paths.keys / "test.pub").write_bytes(pub.read_bytes())
+    mirror.run(old)
+    assert "older version 1" in trust.run(old)
+
+
+def test_trust_refuses_untrusted_key_and_empty_cache(
+    tmp_path: Path, published: tuple[Nginx, Path, Path]
+) -> None:
+    server, _key, _pub = published
+    _k2, other = keypair(tmp_path / "other")
+    ctx = context(tmp_path, f"seed.name=demo seed.mirrors={server.url}", io.StringIO())
+    (ctx.paths.keys / "other.pub").write_bytes(other.read_bytes())
+    mirror.run(ctx)
+    with pytest.raises(SeedError, match="not trusted"):
+        trust.run(ctx)
+    off = context(tmp_path, "seed.name=demo seed.offline", io.StringIO())
+    (off.paths.keys / "other.pub").write_bytes(other.read_bytes())
+    with pytest.raises(SeedError, match="holds no verified release") as e:
+        trust.run(off)
+    assert "boot once online" in e.value.hint
+
+
+def test_no_mirror_reachable_lists_each_mirror(tmp_path: Path) -> None:
+    ctx = context(
+        tmp_path, "seed.name=demo seed.mirrors=http://127.0.0.1:1,http://127.0.0.1:2", io.StringIO()
+    )
+    with pytest.raises(SeedError) as e:
+        mirror.run(ctx)
+    assert "no mirror reachable" in e.value.message
+    assert "http://127.0.0.1:1: " in e.value.message and "http://127.0.0.1:2: " in e.value.message
+
+
+def test_context_hook_environment() -> None:
+    ctx = Context(Cmdline(name="demo"), Console(io.StringIO()))
+    env = ctx.hook_env("root")
+    assert env["SEED_STAGE"] == "root" and env["SEED_NAME"] == "demo" and env["SEED_NEWROOT"] == "/newroot"
