@@ -48,7 +48,7 @@ Deliver = Callable[[bytes | None, str], None]
 # In-flight writes to the cache, beyond which verification (and so fetching) waits: this
 # bounds the memory a fast mirror and a slow disk can pile up. Each write is fsynced (~5 ms
 # here); several writer threads let the filesystem commit their fsyncs together.
-MAX_PENDING_WRITES = 24
+MAX_PENDING_WRITES = 12
 
 
 @dataclass

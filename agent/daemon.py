@@ -197,7 +197,7 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
 def _bound_memory() -> threading.Event:
     """Block buffers (~256 KiB) come and go all the time. Served from the heap they cost no
     page faults (an mmap per buffer faults in every page, every time); two arenas instead of
-    one per thread, and a trim every few seconds, hand back what a burst left free."""
+    one per thread, and a trim twice a second, hand back what a burst left free."""
     stop = threading.Event()
     try:
         libc = ctypes.CDLL(None)
@@ -207,7 +207,7 @@ def _bound_memory() -> threading.Event:
         return stop
 
     def trim() -> None:
-        while not stop.wait(2.0):
+        while not stop.wait(0.5):
             libc.malloc_trim(0)
 
     threading.Thread(target=trim, name="trim", daemon=True).start()

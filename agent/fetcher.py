@@ -93,6 +93,8 @@ class Fetcher:
         self.pycurl: Any = pycurl
         self.mirrors = mirrors
         self.conns = max(1, conns)
+        self.prefetch_slots = max(1, self.conns * 3 // 4)
+        self.held = False
         self.lock = threading.Lock()
         self.heap: list[tuple[int, int, Job]] = []
         self.seq = itertools.count()
@@ -208,10 +210,20 @@ class Fetcher:
                 heapq.heappush(self.heap, (job.prio, next(self.seq), job))
             starts: list[tuple[Job, Mirror]] = []
             failed: list[Job] = []
+            prefetching = sum(1 for t in self.active.values() if t.job.prio >= PREFETCH)
+            self.held = False
             while self.heap and len(self.active) + len(starts) < self.conns:
-                prio, _, job = heapq.heappop(self.heap)
+                prio, seq, job = heapq.heappop(self.heap)
                 if job.started or prio != job.prio:
                     continue
+                if prio >= PREFETCH:
+                    if prefetching >= self.prefetch_slots:
+                        # keep connections free for reads, which would otherwise wait for
+                        # a prefetch transfer to finish before theirs can even start
+                        heapq.heappush(self.heap, (prio, seq, job))
+                        self.held = True
+                        break
+                    prefetching += 1
                 m = self._pick_mirror(job)
                 if m is None:
                     failed.append(job)
@@ -254,7 +266,7 @@ class Fetcher:
         with self.lock:
             if self.delayed:
                 timeout = min(timeout, max(0.0, self.delayed[0][0] - time.monotonic()))
-            if self.heap and len(self.active) < self.conns:
+            if self.heap and len(self.active) < self.conns and not self.held:
                 timeout = 0.0
         try:
             ready, _, _ = select.select([*r, self.wake_r], w, x, timeout)
