@@ -42,7 +42,8 @@ from seedboot.agent.mirrors import MirrorSet
 
 log = logging.getLogger(__name__)
 
-# done(plain, error): plain is None exactly when error says why
+# done(plain, error): error is "" on success; plain is None on failure, and also for a
+# request that asked not to keep the block (keep=False: it only has to reach the cache)
 Deliver = Callable[[bytes | None, str], None]
 
 # In-flight writes to the cache, beyond which verification (and so fetching) waits: this
@@ -183,6 +184,8 @@ class BlockDevice:
             if p is not None:
                 p.callbacks.append(done)
                 p.keep = p.keep or keep
+                if keep and p.job is not None:
+                    p.job.plain = True
                 if prio < p.prio:
                     p.prio = prio
                     if p.job is not None and self.fetcher is not None:
@@ -234,12 +237,25 @@ class BlockDevice:
             prio = self.pending[d].prio
 
         def fetched(plain: bytes | None, stored: bytes | None, error: str) -> None:
-            if plain is None or stored is None:
+            if stored is None:
                 self._deliver(d, None, f"block {b} ({d[:16]}): {error}")
                 return
-            self.verified.add(d)
             with self.lock:
                 p = self.pending.get(d)
+                want = p is not None and p.keep
+            if plain is None and want:
+                # a reader joined after the fetch was asked for the cache only
+                try:
+                    plain = blocks.verify(
+                        stored, d, self.index.lengths[b], self.index.plain_len(b), f"block {b}"
+                    )
+                except BlockInvalid as e:
+                    # the digest matched, so the published block itself is bad: no mirror can help
+                    self._deliver(d, None, f"block {b} ({d[:16]}): {e.message}")
+                    return
+            if plain is not None:
+                self.verified.add(d)
+            with self.lock:
                 kind = p.prio if p else PREFETCH
                 if kind == DEMAND:
                     self.counters.fetched += 1
@@ -255,13 +271,16 @@ class BlockDevice:
             self.write_pool.submit(self._write, d, stored)
             self._deliver(d, plain, "")
 
+        with self.lock:
+            keep = self.pending[d].keep
         job = self.fetcher.submit(
-            d, self.index.lengths[b], self.index.plain_len(b), f"block {b}", prio, fetched
+            d, self.index.lengths[b], self.index.plain_len(b), f"block {b}", prio, fetched, plain=keep
         )
         with self.lock:
             p = self.pending.get(d)
             if p is not None:
                 p.job = job
+                job.plain = job.plain or p.keep
 
     def _write(self, d: str, stored: bytes) -> None:
         try:
@@ -280,7 +299,7 @@ class BlockDevice:
                 self.plain[d] = plain
                 while len(self.plain) > self.memory_blocks:
                     self.plain.popitem(last=False)
-            if plain is None:
+            if error:
                 self.counters.errors += 1
         for cb in p.callbacks:
             try:
@@ -303,8 +322,8 @@ class BlockDevice:
         if not ev.wait(timeout):
             raise TimeoutError(f"block {b}")
         plain, error = box[0]
-        if plain is None:
-            raise OSError(5, error)
+        if error or plain is None:
+            raise OSError(5, error or f"block {b} was not kept")
         return plain
 
     def status(self) -> dict[str, Any]:
@@ -428,7 +447,7 @@ class Prefetcher:
             issued += 1
 
             def done(plain: bytes | None, error: str) -> None:
-                if plain is None:
+                if error:
                     self.failed += 1
                 self.done += 1
                 self.slots.release()
