@@ -97,7 +97,7 @@ def _boot(m: Matrix, disk: Path, fmt: str, name: str, uefi: bool = False) -> vm.
     with machine:
         machine.expect(MENU, timeout=180)
         machine.expect(AGENT_UP, timeout=BOOT_TIMEOUT)
-        machine.expect(r"seedboot: cache\s+ok .*KNXBLOCK", timeout=BOOT_TIMEOUT)
+        machine.expect(r"seedboot: cache\s+ok .*\(LABEL=KNXBLOCK\) on /knxblock", timeout=BOOT_TIMEOUT)
         machine.expect(MARKER, timeout=BOOT_TIMEOUT)
         machine.wait_exit(120)
     return machine
