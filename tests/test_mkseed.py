@@ -15,6 +15,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -384,3 +385,56 @@ def test_cli_menu_lists_rollback_and_bad_input_is_one_line(
         assert message in err and err.count("\n") <= 2, err
     assert cli_main(common) == 1  # the guest's URL does not answer from here
     assert "--list-from" in capsys.readouterr().err
+
+
+# --- the demo's pieces: its console parsing and its counting mirror server ------------------
+
+CONSOLE = """\
+[    4.59] 00:04: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A
+[   8.37s] seedboot: agent 0.1.0 up at 8.19s (kernel ran /init at 5.01s)
+[   8.89s] seedboot: early     ok      0.48s  mounted /sys; image demo vlatest, 1 mirror(s)
+[  13.17s] seedboot: cache     ok      0.27s  /dev/vda1 (LABEL=KNXBLOCK) on /knxblock, 16094 of 16128 MiB free
+[  18.39s] seedboot: blockdev  ok      3.19s  /run/seedboot/blockdev/disk.img (64 MiB) served by pid 113
+SEEDBOOT-DEMO-OK sha256=ok overlay=ok root=overlay fstype=overlay uptime=22.04
+"""
+
+
+def test_demo_reads_stage_times_from_the_console() -> None:
+    from seedboot.tools import demo
+
+    rep = demo.BootReport("online")
+    demo.parse_console(CONSOLE, rep)
+    assert rep.agent_up == 8.19
+    assert [(s[0], s[2]) for s in rep.stages] == [("early", 0.48), ("cache", 0.27), ("blockdev", 3.19)]
+    assert rep.cache_used_mib == 34
+    assert rep.marker_at == 22.04
+    table = demo.summary([rep], cast(publish.PublishResult, _FakePublished()))
+    assert "stage blockdev" in table and "3.19 s" in table and "22.04 s" in table
+
+
+class _FakeStats:
+    image_size = 100_000_000
+    blocks = 384
+    bytes_stored = 34_600_000
+
+
+class _FakePublished:
+    name = "demo"
+    version = 1
+    stats = _FakeStats()
+
+
+def test_demo_mirror_server_counts_blocks_and_bytes(tmp_path: Path) -> None:
+    import urllib.request
+
+    from seedboot.tools import demo
+
+    (tmp_path / "blocks" / "ab").mkdir(parents=True)
+    (tmp_path / "blocks" / "ab" / "abcd").write_bytes(b"x" * 1000)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "latest").write_text("1\n")
+    with demo.MirrorServer(tmp_path) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        assert urllib.request.urlopen(f"{base}/blocks/ab/abcd").read() == b"x" * 1000
+        assert urllib.request.urlopen(f"{base}/demo/latest").read() == b"1\n"
+        assert srv.served.snapshot() == (2, 1, 1002)

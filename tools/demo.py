@@ -231,7 +231,7 @@ def boot(
     return rep
 
 
-def summary(reports: list[BootReport], published: publish.PublishResult, disks: dict[str, Path]) -> str:
+def summary(reports: list[BootReport], published: publish.PublishResult) -> str:
     w = 16
     head = f"{'':24}" + "".join(f"{r.label:>{w}}" for r in reports)
     lines = ["", "=" * len(head), "Summary", "=" * len(head), head]
@@ -340,7 +340,7 @@ def run(work: Path, fresh: bool = False, data_mb: int = 32, out: TextIO | None =
         with prog.step("boot 2: the same disk, no network device, GRUB's 'offline, from cache' entry"):
             print(file=out)
             reports.append(boot(disk, work / "boot-offline.log", server, "offline", True, out))
-    print(summary(reports, published, res.files), file=out)
+    print(summary(reports, published), file=out)
     for r in reports:
         print(f"{r.label}: {r.marker_line}", file=out)
     return 0
