@@ -117,8 +117,13 @@ class LiveConsole:
         show = "seedboot" in text.lower() or "Kernel panic" in text
         if "GNU GRUB" in text:
             self.stage, show, text = "GRUB menu", True, "GRUB: menu shown (serial and screen)"
-        elif text.startswith("Booting `"):
-            self.stage, show = "kernel", True
+        elif "Booting `" in text:
+            self.stage, show, text = "kernel", True, "GRUB: " + text[text.index("Booting `") :]
+        elif self.stage in ("firmware", "GRUB menu") and re.match(r"\[\s*\d+\.\d+\] ", text):
+            self.stage = "kernel"
+        if show and len(text) > 120 and "seedboot: " in text:
+            # GRUB draws its menu with cursor moves and no newlines: keep only its echo at the end.
+            text = text[text.rfind("seedboot: ") :]
         m = STAGE_RE.search(text)
         if m:
             self.stage = m.group(2)
