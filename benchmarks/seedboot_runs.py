@@ -65,8 +65,9 @@ class Setup:
     workdir: Path
     has_profile: bool = False
 
-    def append(self, mirror_url: str, *flags: str) -> str:
-        return " ".join([f"seed.mirrors={mirror_url}", f"seed.name={NAME}", "seed.rescue=reboot", *flags])
+    def append(self, mirror_url: str | None, *flags: str) -> str:
+        mirrors = [f"seed.mirrors={mirror_url}"] if mirror_url else []
+        return " ".join([*mirrors, f"seed.name={NAME}", "seed.rescue=reboot", *flags])
 
 
 def _newer(target: Path, *sources: Path) -> bool:
