@@ -6,11 +6,13 @@ Four boots share one published mirror and the cached kernel/initramfs/demo root 
    keys: every stage prints its line, the demo root's marker appears (its init reads a large
    file after the switch: work goes on through the block daemon), the seed disk's hook ran,
    the shipped hook copied the SSH keys, the cache holds the release and a trace;
-2. ``seed.offline`` with nginx stopped, the same cache disk: the marker again, from the cache;
+2. ``seed.offline`` with nginx stopped, the same cache disk: the marker again, from the cache,
+   with the persistent overlay (``seed.overlay=persist``): the demo's write is on the disk;
 3. the trace merged into a profile and published as version 2; a fresh cache: the profile is
    fetched and all its blocks are requested (download-ahead);
-4. a mirror whose release is signed by another key: the boot stops in the trust stage with the
-   signature message, and reboots (``seed.rescue=reboot``: QEMU exits).
+4. a dead mirror and one whose release is signed by another key: the dead one is reported,
+   the boot stops in the trust stage with the signature message, and reboots
+   (``seed.rescue=reboot``: QEMU exits).
 """
 
 from __future__ import annotations
@@ -145,17 +147,20 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert len(trace) > 10
     assert "blocks" in debugfs(disk, "ls -p /")
 
-    # 2: offline, nginx stopped: everything from the cache
+    # 2: offline, nginx stopped: everything from the cache; writes persist on the cache disk
     s.nginx.stop()
     try:
-        with boot(s, "offline", f"{mirrors} seed.offline", disk) as g:
+        with boot(s, "offline", f"{mirrors} seed.offline seed.overlay=persist", disk) as g:
             g.expect(MARKER, timeout=BOOT_TIMEOUT)
+            g.wait_exit(60)
             console = g.console()
     finally:
         s.nginx.start()
     assert "skipped: seed.offline" in stage_line(console, "network")
     assert "demo v1 verified from the cache" in stage_line(console, "trust")
     assert "offline" in stage_line(console, "blockdev")
+    assert "overlay persistent on /knxblock/overlay/demo" in stage_line(console, "root")
+    assert debugfs(disk, "cat /overlay/demo/upper/var/seedboot-demo-write").startswith("written by pid")
 
     # 3: the trace as a profile, published with version 2; a fresh cache prefetches it
     prof = s.work / "profile"
@@ -194,6 +199,7 @@ def test_boot_refuses_release_signed_by_another_key(setup: Setup, tmp_path: Path
             console = g.console()
     finally:
         nginx.stop()
+    assert re.search(r"1 of 2 up: .*unreachable: http://10\.0\.2\.2:9", stage_line(console, "mirror"))
     line = re.search(r"seedboot: trust +FAILED.*", console)
     assert line and re.search(r"signature|not trusted|key", line.group(0), re.I), line
     assert "hint:" in console

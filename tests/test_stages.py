@@ -103,14 +103,16 @@ def test_coldplug_repeats_until_no_new_alias() -> None:
         for n in names:
             present.update(world[n])
 
-    seen, rounds = hardware.coldplug(lambda: set(present), load)
+    world["fuse"] = []
+    seen, rounds = hardware.coldplug(lambda: set(present), load, extra=["fuse"])
     assert (seen, rounds) == (3, 2)
-    assert loads == [["pci:v1AF4d1000"], ["virtio:d1", "virtio:d2"]]
+    assert loads == [["pci:v1AF4d1000", "fuse"], ["virtio:d1", "virtio:d2"]]
 
 
-def test_modaliases_from_this_hosts_sysfs() -> None:
+def test_modaliases_sysfs_walk_matches_libudev() -> None:
     aliases = hardware.modaliases_sysfs()
     assert aliases and all(":" in a for a in aliases)
+    assert aliases == hardware.modaliases_pyudev()
     assert "lo" not in hardware.nics()
 
 

@@ -161,5 +161,15 @@ def init(args: Sequence[str]) -> int:
         run_all(ctx)
     except RescueExit as e:
         return int(e.code or 1)
+    except Exception as e:  # PID 1 must not exit: the kernel would panic
+        log.exception("the agent crashed")
+        console.note(f"internal error: {type(e).__name__}: {e}")
+    # Only reached when the switch did not happen. As PID 1, never return (a panic says less).
+    while os.getpid() == 1:
+        if ctx.cmdline.rescue == "shell" and os.path.exists(ctx.paths.shell):
+            shell(ctx, "the boot did not switch root")
+        else:
+            ctx.cmdline = dataclasses.replace(ctx.cmdline, rescue="reboot")
+            rescue(ctx, "init")
     console.note("boot finished without switching root")
     return 1
