@@ -75,32 +75,9 @@ def _probe(img: Path, offset: int) -> dict[str, str]:
     return dict(ln.split("=", 1) for ln in out.splitlines() if "=" in ln)
 
 
-def _extract(img: Path, start: int, size: int, out: Path) -> Path:
-    """Copy one partition out of a sparse disk, data extents only (reading 16 GiB of holes is slow)."""
-    fd = os.open(img, os.O_RDONLY)
-    try:
-        with open(out, "wb") as f:
-            f.truncate(size)
-            off = start
-            while off < start + size:
-                try:
-                    data = os.lseek(fd, off, os.SEEK_DATA)
-                except OSError:
-                    break
-                if data >= start + size:
-                    break
-                hole = min(os.lseek(fd, data, os.SEEK_HOLE), start + size)
-                f.seek(data - start)
-                f.write(os.pread(fd, hole - data, data))
-                off = hole
-    finally:
-        os.close(fd)
-    return out
-
-
 def _boot_fs(res: mkseed.SeedResult, tmp: Path) -> Path:
     """The /boot partition cut out of the raw disk, for debugfs (no mount needed)."""
-    return _extract(res.files["raw"], res.layout.boot.start, res.layout.boot.size, tmp / "boot.ext2")
+    return diskimage.extract(res.files["raw"], res.layout.boot.start, res.layout.boot.size, tmp / "boot.ext2")
 
 
 def _debugfs(fs: Path, request: str) -> str:
@@ -232,7 +209,7 @@ def test_cache_filesystem_is_sparse_and_checks_clean(built: mkseed.SeedResult, t
     assert c.size > 15 * GiB
     # The whole 16 GiB raw disk takes little more than the kernel and the miniroot.
     assert diskimage.allocated(built.files["raw"]) < KERNEL_BYTES + INITRD_BYTES + 3_000_000
-    part = _extract(built.files["raw"], c.start, c.size, tmp_path / "cache.ext4")
+    part = diskimage.extract(built.files["raw"], c.start, c.size, tmp_path / "cache.ext4")
     fsck = subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     head = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True, text=True).stdout

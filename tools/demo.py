@@ -62,12 +62,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
         data = source.read()
-        outputfile.write(data)
-        with self.served.lock:
+        with self.served.lock:  # counted before sending: a client that got it sees it counted
             self.served.requests += 1
             self.served.bytes += len(data)
             if self.path.startswith("/blocks/"):
                 self.served.blocks += 1
+        outputfile.write(data)
 
 
 class MirrorServer:
