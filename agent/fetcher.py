@@ -110,6 +110,9 @@ class Fetcher:
         self.conns = max(1, conns)
         self.prefetch_slots = max(1, self.conns * 3 // 4)
         self.held = False
+        # finished transfers waiting for verification still hold their slot: when verifying
+        # is the bottleneck, fetching slows down instead of piling up blocks in memory
+        self.verifying = 0
         self.lock = threading.Lock()
         self.heap: list[tuple[int, int, Job]] = []
         self.seq = itertools.count()
@@ -236,7 +239,7 @@ class Fetcher:
             failed: list[Job] = []
             prefetching = sum(1 for t in self.active.values() if t.job.prio >= PREFETCH)
             self.held = False
-            while self.heap and len(self.active) + len(starts) < self.conns:
+            while self.heap and len(self.active) + self.verifying + len(starts) < self.conns:
                 prio, seq, job = heapq.heappop(self.heap)
                 if job.started or prio != job.prio:
                     continue
@@ -290,7 +293,7 @@ class Fetcher:
         with self.lock:
             if self.delayed:
                 timeout = min(timeout, max(0.0, self.delayed[0][0] - time.monotonic()))
-            if self.heap and len(self.active) < self.conns and not self.held:
+            if self.heap and len(self.active) + self.verifying < self.conns and not self.held:
                 timeout = 0.0
         try:
             ready, _, _ = select.select([*r, self.wake_r], w, x, timeout)
@@ -320,9 +323,19 @@ class Fetcher:
         elif status != 200:
             self._failover(t.job, t.mirror, f"HTTP {status}")
         else:
+            with self.lock:
+                self.verifying += 1
             self.verify_pool.submit(self._verify, t.job, t.mirror, data)
 
     def _verify(self, job: Job, m: Mirror, data: bytes) -> None:
+        try:
+            self._check(job, m, data)
+        finally:
+            with self.lock:
+                self.verifying -= 1
+            self._wake()
+
+    def _check(self, job: Job, m: Mirror, data: bytes) -> None:
         try:
             if job.plain:
                 plain: bytes | None = blocks.verify(data, job.digest, job.stored_len, job.plain_len, job.what)

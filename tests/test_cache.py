@@ -1,0 +1,56 @@
+"""The block cache on its own: LRU watermark eviction that spares pinned blocks, and a restart
+after a crash mid-write."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from seedboot.agent import layout
+from seedboot.agent.cache import BlockCache
+
+
+def block(i: int, size: int = 300) -> tuple[str, bytes]:
+    data = i.to_bytes(4, "big") * (size // 4)
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def test_eviction_is_lru_down_to_the_low_mark_and_spares_pinned(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path, max_bytes=3000)
+    digests = []
+    for i in range(10):
+        d, data = block(i)
+        cache.put(d, data)
+        digests.append(d)
+    assert cache.use().bytes == 3000 and cache.use().evicted == 0
+    assert cache.read(digests[0]) is not None  # 0 is now the most recently used
+    pinned = {digests[1]}
+    cache.pinned = lambda d: d in pinned
+    d, data = block(10)
+    cache.put(d, data)  # over the limit: evict down to 75%
+    use = cache.use()
+    assert use.bytes <= 3000 * 0.75 and use.evicted > 0
+    assert cache.has(digests[0]) and cache.has(digests[1]) and cache.has(d)
+    assert not cache.has(digests[2]) and not (tmp_path / layout.block_path(digests[2])).exists()
+    # what is on disk is what the cache counts, and each file is its digest
+    files = list((tmp_path / "blocks").glob("*/*"))
+    assert len(files) == use.blocks
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == f.name for f in files)
+
+
+def test_restart_drops_partial_writes_and_keeps_lru_order(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path)
+    for i in range(3):
+        d, data = block(i)
+        cache.put(d, data)
+        os.utime(cache.path(d), (1000 + i, 1000 + i))
+    d0 = block(0)[0]
+    cache.touch(d0)  # used last
+    # a crash in the middle of a write leaves a temporary file behind
+    partial = cache.path(d0).parent / f".{d0}.123.456"
+    partial.write_bytes(b"half a blo")
+    again = BlockCache(tmp_path)
+    assert not partial.exists()
+    assert again.use().blocks == 3
+    assert list(again.lru)[-1] == d0
