@@ -1,0 +1,226 @@
+"""The chain of trust in whole boots: seed disk trusting only the root key, swtpm attached.
+
+One mirror (nginx), one cache disk and one TPM state carried across the boots, as one
+machine would: measurement into PCR 15 checked from inside the booted root, dm-verity under
+the root mount, a replayed older version refused (and booted when chosen), a rotated signing
+key booting with the same initramfs, a revoked one refused, a block altered on the cache
+partition while the machine was off caught, and a boot without a TPM going on with a note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from seedboot.agent import index as indexmod
+from seedboot.agent import layout
+from seedboot.tools import keyring_tools, keys, publish
+from tests import artifacts
+from tests.helpers import Nginx, have, keypair
+from tests.qemu import Disk, Guest
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.root,  # the cache disk is tampered with through a loop mount
+    pytest.mark.skipif(not (have("swtpm") and have("qemu-system-x86_64")), reason="swtpm/qemu missing"),
+]
+
+ROOT_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+[ -r /proc/mounts ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+echo "TRUST-PCR15=$(cat /sys/class/tpm/tpm0/pcr-sha256/15 2>/dev/null || echo none)"
+echo "TRUST-LOG=$(tail -n 1 /run/log/seedboot/tpm2-measure.log 2>/dev/null || echo none)"
+dm=$(ls /sys/block | grep '^dm-' | head -n 1)
+echo "TRUST-DM=${dm:-none} $(cat /sys/block/$dm/dm/name 2>/dev/null)"
+echo "TRUST-DROPPED=$(grep -c 'dropping block' /run/seedboot/blockdev.log 2>/dev/null)"
+sha256sum /data/payload | cut -d' ' -f1 | sed 's/^/TRUST-PAYLOAD=/'
+echo TRUST-ROOT-OK
+sync
+poweroff -f
+"""
+
+
+@dataclass
+class Machine:
+    """One machine across boots: its cache disk and TPM state; the mirror it boots from."""
+
+    dir: Path
+    mirror: Path
+    nginx: Nginx
+    initrd: Path
+    cache: Path
+    tpm_state: Path
+    root_key: Path
+    payload_sha: str
+    boots: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://10.0.2.2:{self.nginx.port}"  # the host's loopback, from the guest
+
+    def boot(self, append: str = "", tpm: bool = True, expect: str = r"TRUST-ROOT-OK") -> str:
+        """Boot until the guest powers off; the console. Fails unless EXPECT shows up."""
+        self.boots += 1
+        extra: list[str] = []
+        sw = None
+        if tpm:
+            sock = self.dir / "swtpm.sock"
+            sock.unlink(missing_ok=True)
+            sw = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}",
+                 "--tpmstate", f"dir={self.tpm_state}", "--flags", "startup-clear"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            extra = [
+                "-chardev", f"socket,id=chrtpm,path={sock}",
+                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                "-device", "tpm-tis,tpmdev=tpm0",
+            ]  # fmt: skip
+        guest = Guest(
+            log=self.dir / f"boot-{self.boots}.log",
+            kernel=artifacts.kernel_dir() / "vmlinuz",
+            initrd=self.initrd,
+            append=f"seed.name=demo seed.mirrors={self.url} seed.rescue=reboot {append}",
+            disks=[Disk(self.cache)],
+            extra=extra,
+            watchdog=400,
+        )
+        try:
+            with guest:
+                guest.expect(expect, timeout=300)
+                guest.wait_exit(120)
+        finally:
+            if sw is not None:
+                sw.terminate()
+                sw.wait(10)
+        return guest.console()
+
+
+def field(console: str, key: str) -> str:
+    m = re.search(rf"^{key}=(.*?)\r?$", console, re.M)
+    assert m, f"{key} not on the console:\n{console[-3000:]}"
+    return m.group(1).strip()
+
+
+def meta_digest(mirror: Path, version: int) -> str:
+    return hashlib.sha256((mirror / layout.meta_path("demo", version)).read_bytes()).hexdigest()
+
+
+def pcr_after(*digests: str) -> str:
+    pcr = bytes(32)
+    for d in digests:
+        pcr = hashlib.sha256(pcr + bytes.fromhex(d)).digest()
+    return pcr.hex()
+
+
+@pytest.fixture(scope="module")
+def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
+    d = tmp_path_factory.mktemp("trustboot")
+    root_key, root_pub = artifacts.signing_keypair("test")
+    initrd = artifacts.initramfs([root_pub])
+    tree = d / "root"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "sbin").mkdir()
+    (tree / "data").mkdir()
+    for sub in ("dev", "proc", "sys", "run", "tmp"):
+        (tree / sub).mkdir()
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", tree / "bin" / "busybox")
+    (tree / "sbin" / "init").write_text(ROOT_INIT)
+    (tree / "sbin" / "init").chmod(0o755)
+    payload = os.urandom(2 * 1024 * 1024)
+    (tree / "data" / "payload").write_bytes(payload)
+    image = d / "root.ext4"
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-L", "trustroot", "-d", str(tree), str(image), "24M"],
+        check=True,
+        env={**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"},
+    )
+    mirror = d / "mirror"
+    key = keys.load_secret_key(root_key)
+    for v in (1, 2):
+        publish.publish(image, mirror, "demo", key, version=v, block_size=64 * 1024, verity=True)
+    cache = d / "cache.img"
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-L", "KNXBLOCK", str(cache), "96M"], check=True)
+    tpm_state = d / "tpm"
+    tpm_state.mkdir()
+    srv = Nginx(root=mirror, workdir=d / "nginx").start()
+    try:
+        yield Machine(d, mirror, srv, initrd, cache, tpm_state, root_key, hashlib.sha256(payload).hexdigest())
+    finally:
+        srv.stop()
+
+
+def tamper_cached_block(cache_img: Path, digest: str, workdir: Path) -> None:
+    """Overwrite one cached block file on the cache disk while the machine is off, as someone
+    with the disk in hand could. A real mount (not debugfs): the guest powered off without
+    unmounting, so the journal must be replayed first, or it would undo the change."""
+    mnt = workdir / "mnt"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(cache_img), str(mnt)], check=True)
+    try:
+        block = mnt / layout.block_path(digest)
+        assert block.is_file(), f"block {digest} is not in the cache"
+        block.write_bytes(os.urandom(block.stat().st_size))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_trust_chain_across_boots(machine: Machine) -> None:
+    m = machine
+    # 1. Latest (v2, root-signed): measured into PCR 15, root under dm-verity.
+    c = m.boot()
+    assert field(c, "TRUST-PCR15").lower() == pcr_after(meta_digest(m.mirror, 2))
+    event = json.loads(field(c, "TRUST-LOG"))
+    assert event["description"] == f"seedboot:demo:2:{meta_digest(m.mirror, 2)}" and event["pcr"] == 15
+    assert field(c, "TRUST-DM").split() == ["dm-0", "seedroot"]
+    assert field(c, "TRUST-PAYLOAD") == m.payload_sha
+    assert re.search(r"trust +ok .*signed by root key", c)
+
+    # 2. The mirror replays v1 (its latest pointer wound back): refused, with the reason.
+    (m.mirror / layout.latest_path("demo")).write_text("1\n")
+    c = m.boot(expect=r"seedboot: trust +FAILED")
+    assert "version 1 is older than version 2 seen before" in c
+    assert "TRUST-ROOT-OK" not in c
+
+    # 3. The user picks v1 from the menu: it boots and says so; PCR 15 names v1.
+    c = m.boot("seed.version=1")
+    assert "booting older version 1 of demo as requested (highest seen is 2)" in c
+    assert field(c, "TRUST-PCR15").lower() == pcr_after(meta_digest(m.mirror, 1))
+
+    # 4. A new signing key, vouched for by the root key: v3 boots with the same initramfs.
+    #    Meanwhile a block on the cache partition was altered (machine off), and there is no TPM.
+    ka, _ = keypair(m.dir, "signer-a")
+    keyring_tools.rotate(m.mirror, keys.load_secret_key(m.root_key), [keys.load_secret_key(ka).public_key])
+    v3 = publish.publish(
+        m.dir / "root.ext4", m.mirror, "demo", keys.load_secret_key(ka), block_size=64 * 1024, verity=True
+    ).version
+    idx = indexmod.decode((m.mirror / layout.index_path("demo", json.loads(
+        (m.mirror / layout.meta_path("demo", v3)).read_text())["index"])).read_bytes())  # fmt: skip
+    tamper_cached_block(m.cache, idx.digest_hex(0), m.dir)
+    c = m.boot(tpm=False)
+    signer = keys.load_secret_key(ka).public_key.id_str
+    assert f"signed by key {signer}, listed in keys statement version 1" in c
+    assert "no TPM (/dev/tpmrm0 absent): image not measured, continuing" in c
+    assert field(c, "TRUST-PCR15") == "none"
+    assert int(field(c, "TRUST-DROPPED")) >= 1 and field(c, "TRUST-PAYLOAD") == m.payload_sha
+
+    # 5. The signing key is revoked: the same v3 is refused, naming key and statement.
+    keyring_tools.revoke(m.mirror, keys.load_secret_key(m.root_key), signer)
+    c = m.boot(expect=r"seedboot: trust +FAILED")
+    assert f"signed by key {signer}, revoked by keys statement version 2" in c
