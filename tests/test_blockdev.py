@@ -539,3 +539,22 @@ def test_failed_mirror_is_retried_after_backoff(
     st = m.mirrors()
     assert st[first.url]["fetched"] > 0, st
     clean_umount(m)
+
+
+def test_sigterm_stops_the_daemon_only_when_nothing_uses_the_mount(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    """At shutdown everything gets SIGTERM; a daemon serving a mounted root must not go away."""
+    srv = nginx(published.mirror)
+    m = rig.mount([srv.url], rig.tmp / "cache", "--prefetch", "off", pub=published.pub)
+    dev = rig.loop(m.disk)
+    os.kill(m.pid, signal.SIGTERM)
+    time.sleep(1)
+    assert m.status()["pid"] == m.pid  # still serving
+    assert "not stopping" in m.log.read_text()
+    run("losetup", "-d", dev)
+    os.kill(m.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and Path(f"/proc/{m.pid}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{m.pid}").exists() and not os.path.ismount(m.mountpoint)
