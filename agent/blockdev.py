@@ -229,9 +229,8 @@ class BlockDevice:
 
     def _fetch(self, b: int, d: str) -> None:
         if self.fetcher is None:
-            why = f"block {b} ({d[:16]}) is not in the cache and --offline is set"
-            log.error("read failed: %s", why)
-            self._deliver(d, None, why)
+            # the reader logs the failure (read-ahead and prefetch just stop here)
+            self._deliver(d, None, f"block {b} ({d[:16]}) is not in the cache and --offline is set")
             return
         with self.lock:
             prio = self.pending[d].prio
@@ -386,7 +385,7 @@ class ReadAhead:
         while s.near < end:
             b = s.near
             s.near += 1
-            if not self.dev.index.is_hole(b):
+            if not self.dev.index.is_hole(b) and (self.dev.fetcher is not None or self.dev.is_local(b)):
                 self.dev.request(b, READAHEAD, _ignore)
         s.far = max(s.far, s.near)
         end = min(s.last + 1 + self.window, nblocks)

@@ -288,7 +288,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=6)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     prefetcher: Prefetcher | None = None
-    if opts.prefetch == "all":
+    if fetcher is None:
+        log.info("prefetch off: offline")
+    elif opts.prefetch == "all":
         prefetcher = Prefetcher(dev, range(rel.index.nblocks), opts.conns, "all")
     elif opts.prefetch == "profile":
         order = load_profile(rel, opts.cache, mirrors)
