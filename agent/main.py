@@ -117,9 +117,13 @@ def blockdev_wait(args: list[str]) -> int:
     # Import only when PID 1 is idle: it is on the boot's critical path, this is not (yet).
     # PID 1 sets the priority back before it hands over the command line.
     os.nice(10)
+    import time
+
     for name in DAEMON_MODULES:
         try:
+            t = time.monotonic()
             importlib.import_module(name)
+            print(f"blockdev-wait: {name} imported in {time.monotonic() - t:.2f}s", flush=True)
         except ImportError as e:
             print(f"seedboot-agent blockdev-wait: cannot import {name}: {e}", file=sys.stderr)
     chunks = []

@@ -28,6 +28,8 @@ ROUNDS = 5
 NIC_WAIT = 10.0
 # Not tied to any device: what the later stages mount or attach.
 ALWAYS = ("fuse", "loop", "overlay", "ext4")
+# Devices no stage uses whose drivers probe slowly: CD-ROMs (sr_mod spins the drive up) and tapes.
+SKIP_ALIASES = ("scsi:t-0x05", "scsi:t-0x01")
 _VIRTUAL_NET = ("lo", "sit", "tunl", "ip6tnl", "gre", "dummy", "bond", "teql")
 _VIRTUAL_BLOCK = ("loop", "ram", "zram", "nbd", "dm-", "md", "sr", "fd")
 
@@ -39,7 +41,7 @@ def modaliases_pyudev() -> set[str]:
     found: set[str] = set()
     for dev in pyudev.Context().list_devices():
         alias = dev.properties.get("MODALIAS")
-        if alias:
+        if alias and not alias.startswith(SKIP_ALIASES):
             found.add(alias)
     return found
 
@@ -54,7 +56,7 @@ def modaliases_sysfs(root: str = "/sys/devices") -> set[str]:
                     alias = f.read().strip()
             except OSError:
                 continue
-            if alias:
+            if alias and not alias.startswith(SKIP_ALIASES):
                 found.add(alias)
     return found
 
