@@ -38,12 +38,38 @@ def note_line(at: float, text: str) -> str:
     return f"[{at:7.2f}s] seedboot: {text}"
 
 
+ACTIVE = "/sys/class/tty/console/active"
+
+
+def active_consoles(path: str = ACTIVE) -> list[str]:
+    """The kernel's consoles (``console=tty0 console=ttyS0`` gives ["tty0", "ttyS0"])."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
 class Console:
-    """Writes console lines; ``out`` is /dev/console in the miniroot, any stream in tests."""
+    """Writes console lines; ``out`` is /dev/console in the miniroot, any stream in tests.
+
+    /dev/console is only the last ``console=`` device; ``use_all_consoles`` adds the others
+    (a GRUB entry with ``console=tty0 console=ttyS0`` shows the lines on screen and serial)."""
 
     def __init__(self, out: TextIO | None = None, logfile: TextIO | None = None) -> None:
         self.out = out if out is not None else sys.stdout
         self.logfile = logfile
+        self.extra: list[TextIO] = []
+
+    def use_all_consoles(self, dev: str = "/dev") -> list[str]:
+        names = active_consoles()
+        # The last console= is /dev/console (our stdout) already: open only the others.
+        for name in names[:-1]:
+            try:
+                self.extra.append(open(f"{dev}/{name}", "w", buffering=1, encoding="utf-8", errors="replace"))  # noqa: SIM115
+            except OSError:
+                continue
+        return names
 
     @classmethod
     def open_console(cls, path: str = "/dev/console") -> Console:
@@ -55,7 +81,7 @@ class Console:
         return cls(out)
 
     def write(self, line: str) -> None:
-        for stream in (self.out, self.logfile):
+        for stream in (self.out, *self.extra, self.logfile):
             if stream is None:
                 continue
             try:

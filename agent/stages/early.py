@@ -54,6 +54,7 @@ def fix_console() -> None:
 def run(ctx: Context) -> str:
     mounted = mount_kernel_fs()
     fix_console()
+    ctx.console.use_all_consoles()
     os.makedirs(ctx.paths.run, exist_ok=True)
     with open(CMDLINE, encoding="utf-8", errors="replace") as f:
         text = f.read()
