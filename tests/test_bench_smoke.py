@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import boot
+from benchmarks import boot, seedboot_runs
 from tests import artifacts
 
 
@@ -28,3 +28,27 @@ def test_smoke_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert curl["wire_bytes"] >= local["read_bytes"]
     assert (tmp_path / "table.txt").read_text().strip() in out
     assert (tmp_path / "logs" / "e4-0.log").read_text().count("SEEDBOOT-BENCH-DONE") == 1
+
+
+def test_stage_split_from_agent_lines() -> None:
+    lines = [
+        (1.0, "SeaBIOS"),
+        (9.0, "[   4.50s] seedboot: agent 0.1.0 up at 4.40s (kernel ran /init at 2.00s)"),
+        (9.5, "[   5.00s] seedboot: early     ok      0.50s  mounted /sys"),
+        (12.5, "[   8.00s] seedboot: network   ok      3.00s  eth0 10.0.2.15/24 via DHCP"),
+        (13.0, "[   8.50s] seedboot: root      FAILED  0.20s  no file system"),
+        (14.0, "[   9.50s] seedboot: switch    ok      1.00s  exec /sbin/init"),
+    ]
+    split = seedboot_runs.stages(lines, marker_at=30.0)
+    assert split == pytest.approx(
+        {
+            "firmware": 4.5,
+            "kernel": 2.0,
+            "agent start": 2.4,
+            "early": 0.5,
+            "network": 3.0,
+            "switch": 1.0,
+            "os": 16.0,
+        }
+    )
+    assert seedboot_runs.stages([(1.0, "no agent here")], 5.0) == {}
