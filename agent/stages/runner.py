@@ -51,7 +51,9 @@ def shell(ctx: Context, why: str) -> None:
     cttyhack = os.path.join(os.path.dirname(sh), "cttyhack")
     argv = [cttyhack, sh] if os.path.exists(cttyhack) else [sh]
     try:
-        subprocess.run(argv, env=env, check=False)
+        # A session of its own, so cttyhack can make the console its controlling tty (job
+        # control, Ctrl-C reaches the shell's jobs and never PID 1).
+        subprocess.run(argv, env=env, check=False, start_new_session=True)
     except OSError as e:
         ctx.console.note(f"cannot start {sh}: {e.strerror}")
         time.sleep(10)
