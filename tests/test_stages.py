@@ -245,3 +245,19 @@ def test_context_hook_environment() -> None:
     ctx = Context(Cmdline(name="demo"), Console(io.StringIO()))
     env = ctx.hook_env("root")
     assert env["SEED_STAGE"] == "root" and env["SEED_NAME"] == "demo" and env["SEED_NEWROOT"] == "/newroot"
+
+
+def test_console_lines_are_what_parsers_read(tmp_path: Path) -> None:
+    from seedboot.agent import console
+
+    line = console.stage_line(3.41, "network", "ok", 0.82, "eth0 10.0.2.15/24 via DHCP (lease 86400s)")
+    assert line == "[   3.41s] seedboot: network   ok      0.82s  eth0 10.0.2.15/24 via DHCP (lease 86400s)"
+    out = io.StringIO()
+    c = Console(out)
+    c.failure("mirror", 20.0, "no mirror reachable: http://a: timeout", "check seed.mirrors=")
+    first, second = out.getvalue().splitlines()
+    assert "seedboot: mirror    FAILED 20.00s  no mirror reachable" in first
+    assert second.endswith("hint: check seed.mirrors=")
+    active = tmp_path / "active"
+    active.write_text("tty0 ttyS0\n")
+    assert console.active_consoles(str(active)) == ["tty0", "ttyS0"]
