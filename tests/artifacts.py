@@ -21,6 +21,7 @@ from seedboot.tools import demoroot, freeze, kernel, keys, mkinitramfs
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "build" / "test-artifacts"
+RUNTIME_CACHE = ARTIFACTS / "runtime"
 BUILD_CODE = [REPO / "tools" / n for n in ("freeze.py", "mkinitramfs.py", "cpio.py")]
 
 
@@ -69,7 +70,7 @@ def initramfs(pubkeys: list[Path], level: int = 19) -> Path:
     out = ARTIFACTS / f"initramfs-{key}.img"
     with locked("initramfs"):
         if not out.exists():
-            mkinitramfs.build(k, pubkeys, out, level=level)
+            mkinitramfs.build(k, pubkeys, out, level=level, runtime_cache=RUNTIME_CACHE)
             # Every agent edit makes a new image: keep the build directory from filling up.
             for old in sorted(ARTIFACTS.glob("initramfs-*.img"), key=lambda p: p.stat().st_mtime)[:-8]:
                 old.unlink(missing_ok=True)

@@ -132,7 +132,9 @@ def test_initramfs_copies_the_hook_tree(tmp_path: Path, pubkey: Path) -> None:
     (hooks / "pre-root.d" / "10-hello").chmod(0o755)
     (hooks / "README.md").write_text("not a hook point")
     out = tmp_path / "initrd.img"
-    r = mkinitramfs.build(artifacts.kernel_dir(), [pubkey], out, hooks=hooks, level=1)
+    r = mkinitramfs.build(
+        artifacts.kernel_dir(), [pubkey], out, hooks=hooks, level=1, runtime_cache=artifacts.RUNTIME_CACHE
+    )
     e = cpio.read_names(zstandard.ZstdDecompressor().decompressobj().decompress(out.read_bytes()))
     hook = e["etc/seedboot/hooks/pre-root.d/10-hello"]
     assert hook.data == b"#!/bin/sh\necho hello\n" and stat.S_IMODE(hook.mode) == 0o755
@@ -255,7 +257,9 @@ def test_demo_root_boots_through_initramfs_modules_and_overlay(tmp_path: Path, p
     )
     script.chmod(0o755)
     initrd = tmp_path / "initrd.img"
-    mkinitramfs.build(artifacts.kernel_dir(), [pubkey], initrd, hooks=hooks, level=1)
+    mkinitramfs.build(
+        artifacts.kernel_dir(), [pubkey], initrd, hooks=hooks, level=1, runtime_cache=artifacts.RUNTIME_CACHE
+    )
     root = artifacts.demo_root(size_mb=32, data_mb=8)
     with Guest(
         log=tmp_path / "console.log", kernel=artifacts.kernel_dir() / "vmlinuz", initrd=initrd, nic=None,

@@ -10,8 +10,10 @@ import hashlib
 import importlib.metadata
 import io
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -198,6 +200,27 @@ def base_entries() -> Iterator[cpio.Entry]:
     yield cpio.file("init", (INITRAMFS_SRC / "files" / "init.sh").read_bytes(), 0o755)
 
 
+def frozen_runtime(agent_src: Path, work: Path, cache: Path | None) -> freeze.Runtime:
+    if cache is None:
+        return freeze.freeze(work / "runtime", agent_src)
+    inputs = [agent_src, INITRAMFS_SRC / "files", *(REPO / "tools" / n for n in ("freeze.py", "stublib.py"))]
+    dists = sorted(f"{d.metadata['Name']}={d.version}" for d in importlib.metadata.distributions())
+    key = hashlib.sha256(f"{source_hash(inputs)} {sys.version} {dists}".encode()).hexdigest()[:16]
+    done = cache / key
+    if not done.is_dir():
+        tmp = freeze.freeze(cache / f".{key}.{os.getpid()}.tmp", agent_src)
+        try:
+            tmp.root.replace(done)
+        except OSError:  # another build froze the same sources first
+            shutil.rmtree(tmp.root)
+        # Every agent edit freezes a new runtime (~40 MB): keep the newest few.
+        for old in sorted(cache.iterdir(), key=lambda p: p.stat().st_mtime)[:-4]:
+            if not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    log.info("frozen runtime from cache %s", done)
+    return freeze.Runtime(done)
+
+
 def build(
     kernel_dir: Path,
     pubkeys: list[Path],
@@ -207,7 +230,10 @@ def build(
     agent_src: Path = freeze.AGENT_SRC,
     extra_modules: Iterable[str] = (),
     level: int = 19,
+    runtime_cache: Path | None = None,
 ) -> Result:
+    """Write the initramfs to OUT. RUNTIME_CACHE: a directory where frozen runtimes are kept by a hash
+    of what goes into them (tests build several images from the same agent)."""
     t0 = time.monotonic()
     k = load(kernel_dir)
     keys = list(key_entries(pubkeys))
@@ -220,7 +246,7 @@ def build(
     stage_modules(k, rels, work / "modules")
 
     print("freezing the agent ...", flush=True)
-    rt = freeze.freeze(work / "runtime", agent_src)
+    rt = frozen_runtime(agent_src, work, runtime_cache)
     runtime_size = freeze.size_of(rt.root)
 
     build_id = source_hash([agent_src, hooks, INITRAMFS_SRC, *pubkeys])
