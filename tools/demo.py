@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from seedboot.agent import profile as profilemod
 from seedboot.agent.errors import SeedError
 from seedboot.grub import menu
-from seedboot.tools import demoroot, diskformats, keys, mkinitramfs, mkseed, publish, vm
+from seedboot.tools import demoroot, diskformats, diskimage, freeze, keys, mkinitramfs, mkseed, publish, vm
 from seedboot.tools import kernel as kernelmod
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ NAME = "demo"
 FORMAT = "qcow2"
 MARKER = demoroot.MARKER_OK
 MENU = r"Rescue shell: drivers"
-STAGE_RE = re.compile(r"\[\s*([\d.]+)s\] seedboot: (\w+)\s+(ok|FAILED|skipped|\w+)\s+([\d.]+)s\s*(.*)")
+STAGE_RE = re.compile(r"^\[\s*([\d.]+)s\] seedboot: (\w+)\s+(ok|FAILED|skipped|\w+)\s+([\d.]+)s\s*(.*)")
 AGENT_RE = re.compile(r"seedboot: agent \S+ up at ([\d.]+)s")
 MARKER_RE = re.compile(re.escape(MARKER) + r".*uptime=([\d.]+)")
 CACHE_RE = re.compile(r"(\d+) of (\d+) MiB free")
@@ -121,7 +122,7 @@ class LiveConsole:
             self.stage, show, text = "kernel", True, "GRUB: " + text[text.index("Booting `") :]
         elif self.stage in ("firmware", "GRUB menu") and re.match(r"\[\s*\d+\.\d+\] ", text):
             self.stage = "kernel"
-        if show and len(text) > 120 and "seedboot: " in text:
+        if show and len(text) > 120 and "seedboot: " in text and not STAGE_RE.match(text):
             # GRUB draws its menu with cursor moves and no newlines: keep only its echo at the end.
             text = text[text.rfind("seedboot: ") :]
         m = STAGE_RE.search(text)
@@ -202,7 +203,13 @@ def parse_console(text: str, rep: BootReport) -> None:
 
 
 def boot(
-    disk: Path, log_path: Path, server: MirrorServer, label: str, offline: bool, out: TextIO
+    disk: Path,
+    log_path: Path,
+    server: MirrorServer,
+    label: str,
+    out: TextIO,
+    hotkey: str = "",
+    network: bool = True,
 ) -> BootReport:
     rep = BootReport(label, disk_before=disk.stat().st_size)
     before = server.served.snapshot()
@@ -212,14 +219,18 @@ def boot(
             disk=disk,
             hardware=diskformats.HARDWARE[FORMAT],
             log=log_path,
-            network=not offline,
+            network=network,
             on_line=live.line,
         )
         with machine:
             machine.expect(MENU, timeout=300)
-            if offline:
-                live.line(f"seedboot demo: pressing '{menu.HOTKEY_OFFLINE}' in GRUB: offline, from cache")
-                machine.send(menu.HOTKEY_OFFLINE)
+            if hotkey:
+                what = {
+                    menu.HOTKEY_OFFLINE: "offline, from cache",
+                    menu.HOTKEY_RECORD: "record a boot profile",
+                }
+                live.line(f"seedboot demo: pressing '{hotkey}' in GRUB: {what.get(hotkey, hotkey)}")
+                machine.send(hotkey)
             try:
                 machine.expect(MARKER, timeout=600)
             except vm.BootError as e:
@@ -236,7 +247,32 @@ def boot(
     return rep
 
 
-def summary(reports: list[BootReport], published: publish.PublishResult) -> str:
+def traces_from_disk(disk: Path, fmt: str, cache: diskimage.Partition, work: Path) -> list[Path]:
+    """The boot traces the agent saved under /knxblock/traces, read out of the disk file with
+    qemu-img and debugfs (nothing mounted)."""
+    raw = work / "traces-disk.img"
+    part = work / "traces-cache.ext4"
+    found: list[Path] = []
+    try:
+        diskimage.run(["qemu-img", "convert", "-f", diskformats.FORMATS[fmt].qemu_format, "-O", "raw",
+                       str(disk), str(raw)])  # fmt: skip
+        diskimage.extract(raw, cache.start, cache.size, part)
+        listing = diskimage.run(["debugfs", "-R", "ls -p /traces", str(part)])
+        names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
+        for name in sorted(n for n in names if n.endswith(".trace")):
+            dst = work / "traces" / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            diskimage.run(["debugfs", "-R", f"dump /traces/{name} {dst}", str(part)])
+            found.append(dst)
+    finally:
+        raw.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    if not found:
+        raise SeedError(f"no boot trace in /traces on {disk.name}'s cache", "was the record entry booted?")
+    return found
+
+
+def summary(reports: list[BootReport], published: publish.PublishResult, profile_blocks: int = 0) -> str:
     w = 16
     head = f"{'':24}" + "".join(f"{r.label:>{w}}" for r in reports)
     lines = ["", "=" * len(head), "Summary", "=" * len(head), head]
@@ -275,9 +311,14 @@ def summary(reports: list[BootReport], published: publish.PublishResult) -> str:
         "",
         f"published: {published.name} v{published.version}, {st.image_size / 1e6:.0f} MB image as "
         f"{st.blocks} blocks ({st.bytes_stored / 1e6:.1f} MB stored);",
-        "the first boot fetched only the blocks it read, the second none.",
-        "prefetched: none - no boot profile is published yet (boot the 'record a boot profile' entry, "
-        "then seedboot profile merge + publish --profile).",
+        "each boot fetched only the blocks it read (the demo root's init reads its whole data file),",
+        "nothing when a block was already in the disk's cache, and nothing at all offline.",
+        f"prefetched: the profile recorded by the first boot lists {profile_blocks} blocks; the second boot's"
+        if profile_blocks
+        else "prefetched: none (no boot profile published)",
+        "block daemon downloaded those ahead of the reads, in that order (seed.prefetch=profile)."
+        if profile_blocks
+        else "",
     ]
     return "\n".join(lines)
 
@@ -290,7 +331,7 @@ def run(work: Path, fresh: bool = False, data_mb: int = 32, out: TextIO | None =
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    prog = mkseed.Progress(9, out)
+    prog = mkseed.Progress(11, out)
     print(f"seedboot demo in {work} (console logs there too)", file=out, flush=True)
     with prog.step("kernel: Debian's linux-image-amd64 (apt-get download, depmod)"):
         k = kernelmod.fetch(work / "kernel")
@@ -310,10 +351,14 @@ def run(work: Path, fresh: bool = False, data_mb: int = 32, out: TextIO | None =
     print(f"      {published.stats.summary()}", file=out)
     initrd = work / "miniroot.img"
     with prog.step("miniroot: the frozen agent, busybox and driver modules (zstd cpio; slow the first time)"):
-        stamp = work / "miniroot.key"
-        if not initrd.exists() or not stamp.exists() or stamp.read_text() != pub_path.read_text():
+        # Rebuilt when the agent, the miniroot sources or the key change.
+        want = pub_path.read_text() + mkinitramfs.source_hash(
+            [freeze.AGENT_SRC, mkinitramfs.HOOKS_SRC, mkinitramfs.INITRAMFS_SRC]
+        )
+        stamp = work / "miniroot.stamp"
+        if not initrd.exists() or not stamp.exists() or stamp.read_text() != want:
             mkinitramfs.build(k.root, [pub_path], initrd)
-            stamp.write_text(pub_path.read_text())
+            stamp.write_text(want)
     print(f"      miniroot {initrd.stat().st_size / 1e6:.1f} MB", file=out)
     with MirrorServer(mirror) as server:
         with prog.step(f"serving the mirror on http://127.0.0.1:{server.port} (the guest sees 10.0.2.2)"):
@@ -335,19 +380,50 @@ def run(work: Path, fresh: bool = False, data_mb: int = 32, out: TextIO | None =
             )
         disk = res.files[FORMAT]
         print(mkseed.summary(res), file=out)
+        # The first boot runs on a copy, so the second starts from an empty cache as a new user would.
+        first = work / f"first-{disk.name}"
+        shutil.copyfile(disk, first)
         reports: list[BootReport] = []
         hw = diskformats.HARDWARE[FORMAT]
         with prog.step(
-            f"boot 1: {disk.name} in QEMU ({hw.nic}, virtio disk), network on, GRUB's default entry"
+            f"boot 1: a copy of {disk.name} in QEMU ({hw.nic}, virtio disk), network on, GRUB's "
+            f"'record a boot profile' entry"
         ):
             print(file=out)
-            reports.append(boot(disk, work / "boot-online.log", server, "online", False, out))
-        with prog.step("boot 2: the same disk, no network device, GRUB's 'offline, from cache' entry"):
+            reports.append(boot(first, work / "boot-record.log", server, "1 record", out, menu.HOTKEY_RECORD))
+        profile_file = work / "demo.profile"
+        with prog.step("profile: the boot's trace read off the disk (debugfs), merged, published as v2"):
+            traces = traces_from_disk(first, FORMAT, res.layout.cache, work)
+            blocks = profilemod.merge([profilemod.parse(t.read_bytes(), str(t)) for t in traces])
+            profile_file.write_bytes(
+                profilemod.encode(blocks, nblocks=-(-published.meta.image_size // published.meta.block_size))
+            )
+            published = publish.publish(root_img, mirror, NAME, key, profile_file=profile_file)
+        print(
+            f"      {len(traces)} trace(s), profile of {len(blocks)} blocks; {published.stats.summary()}",
+            file=out,
+        )
+        with prog.step(
+            f"boot 2: {disk.name} (empty cache), network on, newest version (v2, with the profile)"
+        ):
             print(file=out)
-            reports.append(boot(disk, work / "boot-offline.log", server, "offline", True, out))
-    print(summary(reports, published), file=out)
+            reports.append(boot(disk, work / "boot-prefetch.log", server, "2 prefetch", out))
+        with prog.step("boot 3: the same disk, no network device, GRUB's 'offline, from cache' entry"):
+            print(file=out)
+            reports.append(
+                boot(
+                    disk,
+                    work / "boot-offline.log",
+                    server,
+                    "3 offline",
+                    out,
+                    menu.HOTKEY_OFFLINE,
+                    network=False,
+                )
+            )
+    print(summary(reports, published, len(blocks)), file=out)
     for r in reports:
-        print(f"{r.label}: {r.marker_line}", file=out)
+        print(f"boot {r.label}: {r.marker_line}", file=out)
     return 0
 
 
