@@ -68,6 +68,7 @@ class Counters:
 
 @dataclass
 class _Pending:
+    b: int
     callbacks: list[Deliver]
     prio: int
     keep: bool
@@ -191,7 +192,7 @@ class BlockDevice:
                     if p.job is not None and self.fetcher is not None:
                         self.fetcher.raise_priority(p.job, prio)
                 return
-            self.pending[d] = _Pending([done], prio, keep)
+            self.pending[d] = _Pending(b, [done], prio, keep)
         with self.lock:
             writing = d in self.writing
         if writing or self.cache.has(d):
@@ -293,6 +294,13 @@ class BlockDevice:
         with self.lock:
             p = self.pending.pop(d, None)
             if p is None:
+                return
+            if plain is None and not error and p.keep:
+                # a reader joined just after a cache-only fetch was verified without
+                # decompressing: its bytes are in ``writing`` or the cache, load them from there
+                p.job = None
+                self.pending[d] = p
+                self.io_pool.submit(self._load, p.b, d)
                 return
             if plain is not None and p.keep:
                 self.plain[d] = plain
