@@ -62,12 +62,21 @@ TPM_LIBRARIES = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-devi
 SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
 SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py|asyncio\.py)$")
-# Source edits at freeze time: module path -> (old, new). pyfuse3 asks importlib.metadata for its
-# version at import, which pulls in email, zipfile, csv... (~10% of the agent's start-up under emulation).
-PATCHES: dict[str, tuple[str, str]] = {
+# Source edits at freeze time: module path -> ((old, new), ...), for start-up cost under emulation.
+# - pyfuse3 asks importlib.metadata for its version at import, which pulls in email, zipfile, csv...
+# - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
+#   under TCG) only to fabricate a __doc__ for classes without one, which with optimize=2 means every
+#   dataclass, each paying an inspect.signature(): classes keep __doc__ None instead.
+PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
     "pyfuse3/_pyfuse3.py": (
-        "from importlib.metadata import PackageNotFoundError, version as package_version\n",
-        "class PackageNotFoundError(Exception): pass\ndef package_version(name): return {version!r}\n",
+        (
+            "from importlib.metadata import PackageNotFoundError, version as package_version\n",
+            "class PackageNotFoundError(Exception): pass\ndef package_version(name): return {version!r}\n",
+        ),
+    ),
+    "dataclasses.py": (
+        ("\nimport inspect\n", "\n"),
+        ("    if not getattr(cls, '__doc__'):\n", "    if False:  # seedboot freezer: see PATCHES\n"),
     ),
 }
 # Packages whose __init__ is an extension module: modulefinder cannot scan them (and loops on them);
@@ -176,19 +185,18 @@ def compile_launcher(out: Path) -> None:
     )
 
 
-def compile_py(
-    src: Path, dest: Path, name: str, extra: str = "", patch: tuple[str, str] | None = None
-) -> None:
+def compile_py(src: Path, dest: Path, name: str, extra: str = "") -> None:
     """SRC as a sourceless .pyc at DEST (tracebacks name the module, not a build path)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    patch = PATCHES.get(name, ())
     if extra or patch:
         text = src.read_text() + "\n" + extra
-        if patch:
-            old, new = patch
+        for old, new in patch:
             if old not in text:
                 raise SeedError(f"{name} changed: cannot apply the freezer's patch", hint="update PATCHES")
-            dist = name.split("/")[0]
-            text = text.replace(old, new.format(version=importlib.metadata.version(dist)))
+            if "{version" in new:
+                new = new.format(version=importlib.metadata.version(name.split("/")[0]))
+            text = text.replace(old, new, 1)
         tmp = dest.with_suffix(".src.py")
         tmp.write_text(text)
         src = tmp
@@ -219,7 +227,7 @@ def add_tree(src_root: Path, files: Iterable[Path], dest_root: Path, prefix: str
         dest.parent.mkdir(parents=True, exist_ok=True)
         if f.suffix == ".py":
             name = f"{prefix}/{rel}".lstrip("/")
-            compile_py(f, dest.with_suffix(".pyc"), name, patch=PATCHES.get(name))
+            compile_py(f, dest.with_suffix(".pyc"), name)
             sources.append(f)
         elif f.suffix == ".so":
             shutil.copy2(f, dest)
