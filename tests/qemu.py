@@ -116,9 +116,9 @@ class Guest:
         cmd = self.command()
         (self.log.parent / f"{self.log.name}.cmd").write_text(shlex.join(cmd) + "\n")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        # QEMU's own messages go to a file: a pipe nobody reads could fill up and stall the guest.
+        with self.qemu_log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         self._timer = threading.Timer(self.watchdog, self.kill)
         self._timer.daemon = True
         self._timer.start()
@@ -174,9 +174,13 @@ class Guest:
         except subprocess.TimeoutExpired:
             raise GuestError(self._why("power off", f"still running after {timeout:.0f}s")) from None
 
+    @property
+    def qemu_log(self) -> Path:
+        return self.log.parent / f"{self.log.name}.qemu"
+
     def _exit(self) -> str:
         assert self.proc is not None
-        out = self.proc.stdout.read().decode("utf-8", "replace").strip() if self.proc.stdout else ""
+        out = self.qemu_log.read_text(errors="replace").strip() if self.qemu_log.exists() else ""
         return f"status {self.proc.returncode}" + (f": {out[-500:]}" if out else "")
 
     def _why(self, pattern: str, what: str) -> str:
