@@ -8,8 +8,9 @@ Four boots share one published mirror and the cached kernel/initramfs/demo root 
    the shipped hook copied the SSH keys, the cache holds the release and a trace;
 2. ``seed.offline`` with nginx stopped, the same cache disk: the marker again, from the cache,
    with the persistent overlay (``seed.overlay=persist``): the demo's write is on the disk;
-3. the trace merged into a profile and published as version 2; a fresh cache: the profile is
-   fetched and all its blocks are requested (download-ahead);
+3. the trace merged into a profile and published as version 2; a fresh cache and a static
+   ``ip=`` with a host name: the profile is fetched and all its blocks are requested
+   (download-ahead), the host name is in the new root's /etc/hostname;
 4. a dead mirror and one whose release is signed by another key: the dead one is reported,
    the boot stops in the trust stage with the signature message, and reboots
    (``seed.rescue=reboot``: QEMU exits).
@@ -172,9 +173,15 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert digest is not None
     index = decode((s.mirror / layout.index_path("demo", res.meta.index)).read_bytes())
     before = len(s.nginx.requests())
-    with boot(s, "profile", mirrors, cache_disk(s.work / "cache3.img")) as g:
+    # also: a static address (the kernel's ip=) whose host name field the shipped hook writes
+    static = "ip=10.0.2.15::10.0.2.2:255.255.255.0:seedbox:eth0:off"
+    hostname_hook = '#!/bin/sh\necho "NEWROOT-HOSTNAME $(cat $SEED_NEWROOT/etc/hostname)" > /dev/console\n'
+    disk3 = cache_disk(s.work / "cache3.img", {"hooks/pre-switch.d/60-show": (hostname_hook, 0o755)})
+    with boot(s, "profile", f"{mirrors} {static}", disk3) as g:
         g.expect(MARKER, timeout=BOOT_TIMEOUT)
         console = g.console()
+    assert "eth0 10.0.2.15/24 via static, gateway 10.0.2.2" in stage_line(console, "network")
+    assert "NEWROOT-HOSTNAME seedbox" in console
     assert "demo v2 verified" in stage_line(console, "trust")
     reqs = s.nginx.requests()[before:]
     assert f"GET /{layout.profile_path('demo', digest)} HTTP/1.1" in reqs
@@ -190,9 +197,9 @@ def test_boot_refuses_release_signed_by_another_key(setup: Setup, tmp_path: Path
     publish.publish(s.image, bad, "demo", keys.load_secret_key(other_key), version=1)
     nginx = Nginx(root=bad, workdir=tmp_path / "nginx").start()
     try:
-        with boot(
-            s, "badsig", f"seed.mirrors=http://10.0.2.2:{nginx.port}", cache_disk(tmp_path / "c.img")
-        ) as g:
+        # a dead mirror first: it is listed as unreachable, the other one ranks first
+        mirrors = f"seed.mirrors=http://10.0.2.2:9,http://10.0.2.2:{nginx.port}"
+        with boot(s, "badsig", mirrors, cache_disk(tmp_path / "c.img")) as g:
             g.expect(r"seedboot: trust +FAILED", timeout=BOOT_TIMEOUT)
             g.expect(r"rebooting in \d+s", timeout=30)
             g.wait_exit(60)
