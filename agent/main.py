@@ -84,7 +84,7 @@ def selftest() -> int:
 def _block_commands(argv: list[str]) -> int:
     import argparse
 
-    from seedboot.agent import mount_cmd  # type: ignore[attr-defined,unused-ignore]
+    from seedboot.agent import mount_cmd
     from seedboot.agent.errors import SeedError
 
     parser = argparse.ArgumentParser(prog="seedboot-agent")

@@ -19,6 +19,7 @@ from seedboot.agent.console import Console
 
 if TYPE_CHECKING:
     from seedboot.agent.release import Release
+    from seedboot.agent.stages.blockdev import Prewarmed
 
 __all__ = ["STAGE_NAMES", "Context", "NetInfo", "Paths"]
 
@@ -84,7 +85,7 @@ class Context:
     clock_note: str = ""
     trace: Path | None = None
     daemon_pid: int | None = None
-    prewarmed: object | None = None  # stages.blockdev.Prewarmed: the daemon's process, started early
+    prewarmed: Prewarmed | None = None  # the block daemon's process, started early
     loopdev: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

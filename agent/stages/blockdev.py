@@ -164,7 +164,7 @@ def run(ctx: Context) -> str:
         argv0=ARGV0,
     )
     start = time.monotonic()
-    pre: Prewarmed | None = ctx.prewarmed  # type: ignore[assignment]
+    pre = ctx.prewarmed
     ctx.prewarmed = None
     if pre is not None and pre.proc.poll() is not None:
         log.warning("the early block daemon exited (status %s); starting another", pre.proc.returncode)

@@ -20,23 +20,24 @@ import time
 from seedboot.agent import layout, rollback
 from seedboot.agent.errors import SeedError
 from seedboot.agent.release import Release, load_keys, open_release, save_release
+from seedboot.agent.signature import PublicKey
 from seedboot.agent.stages import Context
 from seedboot.agent.stages.mirror import need_name
 
 log = logging.getLogger(__name__)
 
 
-def trusted_keys(ctx: Context) -> list[object]:
+def trusted_keys(ctx: Context) -> list[PublicKey]:
     paths = sorted(ctx.paths.keys.glob("*.pub"))
     if not paths:
         raise SeedError(
             f"no trusted public key in {ctx.paths.keys}",
             "rebuild the miniroot with seedboot mkinitramfs --pubkey KEY.pub",
         )
-    return list(load_keys(paths))
+    return load_keys(paths)
 
 
-def from_cache(ctx: Context, name: str, keys: list[object]) -> tuple[Release, str]:
+def from_cache(ctx: Context, name: str, keys: list[PublicKey]) -> tuple[Release, str]:
     from seedboot.agent.reader import DirReader, NotFound
 
     cache = ctx.paths.cache
@@ -56,7 +57,7 @@ def from_cache(ctx: Context, name: str, keys: list[object]) -> tuple[Release, st
         rel = open_release(
             DirReader(cache),
             name,
-            keys,  # type: ignore[arg-type]
+            keys,
             version,
             check_expiry=False,
             state_dir=cache,
@@ -76,7 +77,7 @@ def from_cache(ctx: Context, name: str, keys: list[object]) -> tuple[Release, st
     return rel, f"from the cache; {note}"
 
 
-def from_mirrors(ctx: Context, name: str, keys: list[object]) -> tuple[Release, str]:
+def from_mirrors(ctx: Context, name: str, keys: list[PublicKey]) -> tuple[Release, str]:
     from seedboot.agent.reader import DirReader, HttpReader
 
     errors: list[SeedError] = []
@@ -85,7 +86,7 @@ def from_mirrors(ctx: Context, name: str, keys: list[object]) -> tuple[Release, 
             rel = open_release(
                 HttpReader(url),
                 name,
-                keys,  # type: ignore[arg-type]
+                keys,
                 ctx.cmdline.version,
                 tolerance=rollback.DEFAULT_TOLERANCE,
                 state_dir=ctx.paths.cache,
