@@ -29,6 +29,7 @@ MARKER = "SEEDBOOT-DEMO-OK"
 MENU = r"Rescue shell: drivers"  # the last menu entry's title: GRUB has drawn the whole menu
 AGENT_UP = r"seedboot: agent \S+ up"  # the miniroot's first line
 BOOT_TIMEOUT = 420.0
+DOWN = "\x1b[B"  # the down-arrow key as a VT100 terminal sends it (GRUB reads the serial port)
 # What mkseed adds to the kernel and the miniroot in the worst format, vhd: GRUB, the ESP and the
 # cache's metadata (~1.5 MB), in two runs each rounded out to 2 MiB allocation units. Whether
 # a disk stays under 24 MB then depends on the miniroot (tests/test_mkseed.py checks the budget
@@ -70,7 +71,9 @@ def matrix() -> Iterator[Matrix]:
     # A smaller root than the boot tests' default: eight boots fetch it, in software emulation.
     root = artifacts.demo_root(size_mb=64, data_mb=16)
     mirror = work / "mirror"
-    publish.publish(root, mirror, "demo", keys.load_secret_key(key))
+    # Two versions: the menu then offers version 1 under "older signed versions" (rollback).
+    for _ in range(2):
+        publish.publish(root, mirror, "demo", keys.load_secret_key(key))
     srv = Nginx(root=mirror, workdir=work / "nginx").start()
     try:
         spec = mkseed.SeedSpec(
@@ -145,3 +148,19 @@ def test_qcow2_online_then_offline_from_its_cache(matrix: Matrix) -> None:
         machine.expect(MARKER, timeout=BOOT_TIMEOUT)
         machine.wait_exit(120)
     assert len(matrix.nginx.requests()) == fetched, "the offline boot asked the mirror for nothing"
+
+
+def test_rollback_entry_boots_the_older_signed_version(matrix: Matrix) -> None:
+    disk = matrix.fresh("raw", "rollback")
+    log = matrix.work / "rollback" / "console.log"
+    machine = vm.Machine(disk=disk, hardware=diskformats.HARDWARE["raw"], log=log)
+    with machine:
+        machine.expect(MENU, timeout=180)
+        # As a user would: down past newest, offline and record to the submenu, open it, boot its first entry.
+        machine.send(DOWN * 3 + "\r")
+        machine.expect(r"demo version 1: roll back to it", timeout=60)
+        machine.send("\r")
+        machine.expect(r"seedboot: demo version 1 \(rollback\)", timeout=60)
+        machine.expect(r"seedboot: trust\s+ok .*demo v1 verified", timeout=BOOT_TIMEOUT)
+        machine.expect(MARKER, timeout=BOOT_TIMEOUT)
+        machine.wait_exit(120)
