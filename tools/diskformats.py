@@ -39,12 +39,13 @@ FORMATS: dict[str, DiskFormat] = {
     )
 }
 DEFAULT_FORMATS = tuple(FORMATS)
+ALL_FORMATS = (*DEFAULT_FORMATS, "ova")  # the OVA is an appliance around a vmdk, not a disk format
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
     words = [w.strip().lower() for w in text.split(",") if w.strip()]
     if "all" in words:
-        return DEFAULT_FORMATS + (("ova",) if "ova" in words else ())
+        return ALL_FORMATS
     bad = [w for w in words if w not in FORMATS and w != "ova"]
     if bad or not words:
         raise SeedError(

@@ -302,5 +302,5 @@ def ext2_bytes(root: Path) -> int:
 
 def have_tools() -> list[str]:
     """The external tools this module needs that are missing on PATH."""
-    need = ("grub-mkimage", "sfdisk", "mke2fs", "mkfs.vfat", "mmd", "mcopy", "qemu-img")
+    need = ("grub-mkimage", "sfdisk", "mke2fs", "mkfs.vfat", "mmd", "mcopy", "qemu-img", "fallocate")
     return [t for t in need if shutil.which(t) is None]

@@ -102,9 +102,8 @@ def find_versions(sources: list[str], name: str, keys: list[signature.PublicKey]
             errors.append(e.message)
             log.info("versions of %s: %s does not answer (%s)", name, src, e.message)
             continue
-        newest = open_release(
-            reader, name, keys, latest
-        )  # raises if it does not verify: the disk would not boot
+        # Raises if the newest version does not verify with these keys: the disk would not boot.
+        open_release(reader, name, keys, latest)
         log.info("image %s: newest version %d on %s verifies", name, latest, src)
         older: list[menu.Version] = []
         v = latest - 1
@@ -118,7 +117,6 @@ def find_versions(sources: list[str], name: str, keys: list[signature.PublicKey]
             except SeedError as e:
                 log.info("image %s: version %d not offered: %s", name, v, e.message)
             v -= 1
-        del newest
         return menu.Image(name, latest, tuple(older))
     raise SeedError(
         f"cannot read image {name!r} from any mirror: {'; '.join(errors)}",
@@ -183,7 +181,7 @@ def check_inputs(spec: SeedSpec) -> None:
         raise SeedError(f"missing tools: {', '.join(missing)}", "run scripts/setup")
 
 
-def convert(raw: Path, fmt: diskformats.DiskFormat, out: Path, show: bool) -> Path:
+def convert(raw: Path, fmt: diskformats.DiskFormat, out: Path) -> Path:
     dst = out / fmt.filename
     if dst.exists():
         dst.unlink()
@@ -261,7 +259,7 @@ def build(spec: SeedSpec, stream: TextIO | None = None) -> SeedResult:
                     diskimage.run(["cp", "--sparse=always", str(raw), str(dst)])
                     files[name] = dst
                 else:
-                    files[name] = convert(raw, fmt, spec.out, show=False)
+                    files[name] = convert(raw, fmt, spec.out)
         if "ova" in spec.formats:
             from seedboot.tools import ova
 

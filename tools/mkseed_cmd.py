@@ -42,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--size", default="16G", help="virtual disk size (default 16G)")
     p.add_argument(
         "--formats",
-        default=",".join(diskformats.DEFAULT_FORMATS),
-        help="comma list of vmdk,vdi,vhd,hdd,qcow2,raw,ova or 'all' (default: all but ova)",
+        default=",".join(diskformats.ALL_FORMATS),
+        help="comma list of vmdk,vdi,vhd,hdd,qcow2,raw,ova or 'all' (default: all)",
     )
     p.add_argument(
         "--initrd",
