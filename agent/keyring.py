@@ -12,7 +12,8 @@ Metadata signed directly by a root key needs no statement. Metadata signed by an
 is accepted only if an unexpired statement, signed by a root key and not older than the
 newest statement this machine has seen, lists that key and does not revoke it. So a
 publisher rotates or revokes signing keys without rebuilding seed disks; only replacing
-the root key itself needs new seed disks.
+the root key itself needs new seed disks (a statement cannot take back a root key: whoever
+holds it signs metadata directly, which needs no statement).
 
 ``version`` only goes up: the agent remembers the highest one seen (see rollback.py), so a
 mirror cannot replay an old statement that still lists a since-revoked key.
