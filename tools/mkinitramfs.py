@@ -221,25 +221,18 @@ def frozen_runtime(agent_src: Path, work: Path, cache: Path | None) -> freeze.Ru
     return freeze.Runtime(done)
 
 
-def build(
-    kernel_dir: Path,
+def assemble(
+    k: Kernel,
+    keys: list[cpio.Entry],
+    work: Path,
+    hooks: Path,
+    agent_src: Path,
+    extra_modules: Iterable[str],
+    level: int,
+    runtime_cache: Path | None,
     pubkeys: list[Path],
-    out: Path,
-    *,
-    hooks: Path = HOOKS_SRC,
-    agent_src: Path = freeze.AGENT_SRC,
-    extra_modules: Iterable[str] = (),
-    level: int = 19,
-    runtime_cache: Path | None = None,
-) -> Result:
-    """Write the initramfs to OUT. RUNTIME_CACHE: a directory where frozen runtimes are kept by a hash
-    of what goes into them (tests build several images from the same agent)."""
-    t0 = time.monotonic()
-    k = load(kernel_dir)
-    keys = list(key_entries(pubkeys))
-    work = out.parent / f".{out.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
-
+) -> tuple[bytes, int, list[str], int]:
+    """The compressed image, its unpacked size, the module paths and the runtime's size."""
     wanted = [*read_list(MODULES_LIST), *extra_modules]
     rels = resolve_modules(k, wanted)
     log.info("%d modules (%d asked for) from %s", len(rels), len(wanted), k.version)
@@ -271,13 +264,41 @@ def build(
     # The kernel's zstd decoder takes a plain single-frame stream with a content checksum.
     cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
     data = cctx.compress(raw.getvalue())
+    return data, uncompressed, rels, runtime_size
+
+
+def build(
+    kernel_dir: Path,
+    pubkeys: list[Path],
+    out: Path,
+    *,
+    hooks: Path = HOOKS_SRC,
+    agent_src: Path = freeze.AGENT_SRC,
+    extra_modules: Iterable[str] = (),
+    level: int = 19,
+    runtime_cache: Path | None = None,
+) -> Result:
+    """Write the initramfs to OUT. RUNTIME_CACHE: a directory where frozen runtimes are kept by a hash
+    of what goes into them (tests build several images from the same agent)."""
+    t0 = time.monotonic()
+    if not 1 <= level <= 19:
+        raise SeedError(f"zstd level {level} is out of range", hint="use 1 (fast) to 19 (small, the default)")
+    k = load(kernel_dir)
+    keys = list(key_entries(pubkeys))
+    work = out.parent / f".{out.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        image, uncompressed, rels, runtime_size = assemble(
+            k, keys, work, hooks, agent_src, extra_modules, level, runtime_cache, pubkeys
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(data)
+    tmp.write_bytes(image)
     tmp.replace(out)
-    shutil.rmtree(work)
     return Result(
         path=out,
-        size=len(data),
+        size=len(image),
         uncompressed=uncompressed,
         kernel_version=k.version,
         modules=[Path(r).name for r in rels],
