@@ -117,6 +117,7 @@ STDLIB_EXCLUDES = (
     "_lzma",
     "bz2",
     "_bz2",
+    "_pydecimal",  # decimal's pure-Python fallback; the C _decimal is there
 )
 # Loaded by the interpreter itself (not by import statements modulefinder sees).
 STDLIB_ALWAYS = (
