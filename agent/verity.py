@@ -168,6 +168,9 @@ def protect(
     if v is None:
         return data_dev, "no dm-verity tree published (agent block checks only)"
     why = available()
+    if not why and device_size(data_dev) < v.data_blocks * v.data_block_size:
+        # The image is not a whole number of verity blocks; the block device shows it as is.
+        why = f"the image is not a multiple of {v.data_block_size} bytes"
     if why:
         log.warning("dm-verity not set up: %s", why)
         return data_dev, f"dm-verity not set up: {why} (agent block checks only)"
