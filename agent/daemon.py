@@ -284,8 +284,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     fetcher = Fetcher(mirrors, opts.conns).start() if mirrors is not None else None
     # read-ahead keeps as many blocks coming into the cache as transfers may be in flight
     # (that is what hides latency); memory holds only the next few and those being read
-    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=16)
-    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=6)
+    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=12)
+    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     prefetcher: Prefetcher | None = None
     if fetcher is None:
