@@ -18,6 +18,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ARGV0 = "@seedboot-blockdev"
 READY_TIMEOUT = 120.0
+SAY_AFTER = 3.0
 
 
 @dataclass
@@ -76,11 +78,16 @@ def cancel(p: Prewarmed) -> None:
     p.proc.wait()
 
 
-def wait_ready(p: Prewarmed, timeout: float = READY_TIMEOUT) -> str:
-    """The daemon's readiness message: "ok", or "message<TAB>hint"; bounded by TIMEOUT."""
+def wait_ready(p: Prewarmed, timeout: float = READY_TIMEOUT, say: Callable[[], None] | None = None) -> str:
+    """The daemon's readiness message: "ok", or "message<TAB>hint"; bounded by TIMEOUT.
+    ``say`` is called once if it takes more than a few seconds (the console says why)."""
     buf = b""
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     while time.monotonic() < deadline:
+        if say is not None and time.monotonic() - start > SAY_AFTER:
+            say()
+            say = None
         r, _, _ = select.select([p.ready_r], [], [], 0.2)
         if r:
             chunk = os.read(p.ready_r, 4096)
@@ -97,14 +104,16 @@ def wait_ready(p: Prewarmed, timeout: float = READY_TIMEOUT) -> str:
     return text or f"the block daemon exited (status {p.proc.poll()})"
 
 
-def start_prewarmed(p: Prewarmed, argv: list[str], mountpoint: Path) -> int:
+def start_prewarmed(p: Prewarmed, argv: list[str], mountpoint: Path, ctx: Context) -> int:
     full = [*argv[:-1], "--foreground", "--ready-fd", str(p.ready_w), argv[-1]]
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, p.proc.pid, 0)  # it was importing at nice 10
     os.write(p.opts_w, json.dumps(full).encode())
     os.close(p.opts_w)
     os.close(p.ready_w)  # the daemon holds its own copy
-    msg = wait_ready(p)
+    msg = wait_ready(
+        p, say=lambda: ctx.console.waiting(f"the block daemon to serve {mountpoint}/disk.img", READY_TIMEOUT)
+    )
     os.close(p.ready_r)
     if msg != "ok":
         if p.proc.poll() is None:
@@ -171,7 +180,7 @@ def run(ctx: Context) -> str:
         cancel(pre)
         pre = None
     try:
-        pid = start_prewarmed(pre, opts.to_argv(), mountpoint) if pre is not None else spawn(opts)
+        pid = start_prewarmed(pre, opts.to_argv(), mountpoint, ctx) if pre is not None else spawn(opts)
     except SeedError:
         show_log_tail(ctx)
         raise
