@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +76,10 @@ def initramfs(pubkeys: list[Path], level: int = 19) -> Path:
             # Every agent edit makes a new image: keep the build directory from filling up.
             for old in sorted(ARTIFACTS.glob("initramfs-*.img"), key=lambda p: p.stat().st_mtime)[:-8]:
                 old.unlink(missing_ok=True)
+            # Work directories of builds that were killed (an interrupted test run) an hour ago or more.
+            for stale in ARTIFACTS.glob(".initramfs-*.img.work"):
+                if time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
     return out
 
 
