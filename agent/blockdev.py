@@ -450,7 +450,11 @@ class Prefetcher:
                 self.done += 1
                 continue
             seen.add(d)
-            self.slots.acquire()
+            while not self.slots.acquire(timeout=0.2):
+                if self.stopping:
+                    break
+            if self.stopping:
+                break
             issued += 1
 
             def done(plain: bytes | None, error: str) -> None:
@@ -461,10 +465,10 @@ class Prefetcher:
                 outstanding.release()
 
             self.dev.request(b, PREFETCH, done, keep=False)
-        for _ in range(issued):
-            if self.stopping:
-                break
-            outstanding.acquire()
+        waited = 0
+        while waited < issued and not self.stopping:
+            if outstanding.acquire(timeout=0.2):
+                waited += 1
         dt = time.monotonic() - t0
         log.info(
             "prefetch (%s) %s: %d blocks in %.1fs, %d failed",

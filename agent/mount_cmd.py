@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -214,9 +213,7 @@ def run_umount(args: argparse.Namespace) -> int:
         raise SeedError(err, hint if "busy" in err else "check the mount point")
     deadline = time.monotonic() + args.timeout
     while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             break
         time.sleep(0.05)
     else:
@@ -224,6 +221,15 @@ def run_umount(args: argparse.Namespace) -> int:
             raise SeedError(f"unmounted, but daemon {pid} is still running after {args.timeout:.0f}s")
     print(f"{mp}: unmounted")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphaned daemon waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _mb(n: float) -> str:
