@@ -2,7 +2,7 @@
 
 Each stage is a module with ``run(ctx: Context) -> str``: it does its work, records what it
 decided in the context and returns the detail for its console line. A stage fails by raising
-``SeedError`` (message + hint); ``seedboot.agent.boot`` prints it and ends in the rescue
+``SeedError`` (message + hint); ``stages.runner`` prints it and ends in the rescue
 action. Stage modules import what they need inside ``run`` so PID 1 only pays for the stages
 it reaches.
 """
