@@ -301,7 +301,7 @@ def summary(reports: list[BootReport], published: publish.PublishResult, profile
     row("bytes fetched", [f"{r.bytes / 1e6:.1f} MB" for r in reports])
     row("HTTP requests", [str(r.requests) for r in reports])
     row(
-        "cache used at boot",
+        "cache in use at boot",
         ["-" if r.cache_used_mib is None else f"{r.cache_used_mib} MiB" for r in reports],
     )
     row("disk file before", [f"{r.disk_before / 1e6:.1f} MB" for r in reports])
