@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "psutil", "netifaces", "zstandard", "cryptography")
+RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "psutil", "netifaces", "zstandard")
 INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help", "blockdev-wait")
 # What the block daemon imports: loaded ahead by ``blockdev-wait`` while PID 1 does other work.
 DAEMON_MODULES = (
@@ -25,7 +25,7 @@ DAEMON_MODULES = (
     "trio",
     "pycurl",
     "zstandard",
-    "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "seedboot.agent.signature",
 )
 
 
@@ -43,6 +43,17 @@ def version() -> str:
         return dist_version("seedboot")
     except Exception:
         return "unknown"
+
+
+def _ed25519_known_answer() -> bool:
+    """RFC 8032 section 7.1, test 1 (empty message), and the same signature on another message."""
+    from seedboot.agent import ed25519
+
+    pk = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    sig = bytes.fromhex(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    )
+    return ed25519.verify(pk, sig, b"") and not ed25519.verify(pk, sig, b"x")
 
 
 def selftest() -> int:
@@ -66,6 +77,11 @@ def selftest() -> int:
         elif name == "pyfuse3":
             ver = getattr(mod, "__version__", "?")
         print(f"{name}: {ver}")
+    if _ed25519_known_answer():
+        print("ed25519: libcrypto ok")
+    else:
+        failed.append("ed25519")
+        print("ed25519: FAILED: RFC 8032 test vector did not verify through libcrypto")
     for info in pkgutil.walk_packages(seedboot.agent.__path__, "seedboot.agent."):
         if info.name.endswith(("__main__",)):
             continue

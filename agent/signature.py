@@ -14,9 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from seedboot.agent import ed25519
 from seedboot.agent.errors import FormatError, SignatureInvalid
 
 PK_ALG = b"Ed"
@@ -118,13 +116,12 @@ def verify(message: bytes, sig_text: str, keys: list[PublicKey], what: str = "fi
             f"{what} is signed by key {key_id_str(sig.key_id)}, which is not trusted (trusted: {trusted})",
             "publish with a trusted key, or pass the publisher's public key",
         )
-    pk = Ed25519PublicKey.from_public_bytes(key.key)
-    try:
-        pk.verify(sig.sig, message_for(sig.alg, message))
-        pk.verify(sig.global_sig, sig.sig + sig.trusted_comment.encode())
-    except InvalidSignature as e:
+    if not (
+        ed25519.verify(key.key, sig.sig, message_for(sig.alg, message))
+        and ed25519.verify(key.key, sig.global_sig, sig.sig + sig.trusted_comment.encode())
+    ):
         raise SignatureInvalid(
             f"signature of {what} is invalid for key {key.id_str}",
             "the file was altered or signed with another key; do not trust this mirror",
-        ) from e
+        )
     return key, sig.trusted_comment

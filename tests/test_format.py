@@ -124,3 +124,20 @@ def test_metadata_verify_and_expiry(tmp_path: Path) -> None:
     with pytest.raises(MetadataExpired, match="expired on"):
         metadata.check_expiry(meta, now=2001)
     metadata.check_expiry(meta, now=2001, tolerance=60)
+
+
+def test_libcrypto_ed25519_agrees_with_cryptography() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from seedboot.agent import ed25519
+
+    priv = Ed25519PrivateKey.generate()
+    pub = priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    for msg in (b"", b"x", bytes(range(256)) * 100):
+        sig = priv.sign(msg)
+        assert ed25519.verify(pub, sig, msg)
+        assert not ed25519.verify(pub, sig, msg + b"!")
+        assert not ed25519.verify(pub, sig[:-1] + bytes([sig[-1] ^ 1]), msg)
+        assert not ed25519.verify(pub[:31] + b"\0", sig, msg)
+    assert not ed25519.verify(pub, b"short", b"x")

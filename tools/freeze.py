@@ -53,8 +53,6 @@ PACKAGES: tuple[str, ...] = (
     "psutil",
     "netifaces",
     "zstandard",
-    "cryptography",
-    "_cffi_backend",
 )
 # Debian's tpm2-tss, for agent/tpm_esys.py (libtss2-sys, -mu and libcrypto come as dependencies).
 TPM_LIBRARIES = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0")

@@ -21,7 +21,6 @@ def selftest() -> int:
     t = time.monotonic()
     import ctypes.util
 
-    import cryptography.hazmat.primitives.asymmetric.ed25519
     import netifaces
     import psutil
     import pycurl
@@ -32,7 +31,7 @@ def selftest() -> int:
 
     from seedboot.agent import signature
 
-    mods = (cryptography, netifaces, psutil, pycurl, pyfuse3, pyudev, trio, zstandard, signature)
+    mods = (netifaces, psutil, pycurl, pyfuse3, pyudev, trio, zstandard, signature)
     assert ctypes.util.find_library("udev"), "libudev not found"
     dt = time.monotonic() - t
     print(f"seedboot-agent selftest ok: {len(mods)} modules in {dt:.2f}s; {pycurl.version}")
