@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "psutil", "netifaces", "zstandard")
+RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "netifaces", "zstandard")
 INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help", "blockdev-wait")
 # What the block daemon imports: loaded ahead by ``blockdev-wait`` while PID 1 does other work.
 DAEMON_MODULES = (

@@ -14,7 +14,6 @@ profile is this text, stored under ``NAME/profiles/<sha256>``.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Sequence
 
 from seedboot.agent.errors import FormatError
@@ -71,4 +70,4 @@ def merge(traces: Sequence[Sequence[int]]) -> list[int]:
         n = max(len(trace), 1)
         for pos, b in enumerate(trace):
             scores.setdefault(b, [1.0] * len(traces))[t] = pos / n
-    return sorted(scores, key=lambda b: (statistics.fmean(scores[b]), b))
+    return sorted(scores, key=lambda b: (sum(scores[b]) / len(scores[b]), b))

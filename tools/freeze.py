@@ -50,7 +50,6 @@ PACKAGES: tuple[str, ...] = (
     "idna",
     "pycurl",
     "pyudev",
-    "psutil",
     "netifaces",
     "zstandard",
 )
@@ -70,6 +69,67 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
         (
             "from importlib.metadata import PackageNotFoundError, version as package_version\n",
             "class PackageNotFoundError(Exception): pass\ndef package_version(name): return {version!r}\n",
+        ),
+    ),
+    # trio imports its TLS and DTLS layers (ssl, _ssl, hmac, enum conversions) and idna (with the
+    # 1 MB unicodedata) at import; pyfuse3 and the agent use neither (the block daemon's HTTP is
+    # pycurl's): both load on first use instead. Under TCG this was ~0.15 s of every boot.
+    "trio/__init__.py": (
+        (
+            "from ._dtls import (\n"
+            "    DTLSChannel as DTLSChannel,\n"
+            "    DTLSChannelStatistics as DTLSChannelStatistics,\n"
+            "    DTLSEndpoint as DTLSEndpoint,\n"
+            ")\n",
+            "",
+        ),
+        (
+            "from ._highlevel_ssl_helpers import (\n"
+            "    open_ssl_over_tcp_listeners as open_ssl_over_tcp_listeners,\n"
+            "    open_ssl_over_tcp_stream as open_ssl_over_tcp_stream,\n"
+            "    serve_ssl_over_tcp as serve_ssl_over_tcp,\n"
+            ")\n",
+            "",
+        ),
+        (
+            "from ._ssl import (\n"
+            "    NeedHandshakeError as NeedHandshakeError,\n"
+            "    SSLListener as SSLListener,\n"
+            "    SSLStream as SSLStream,\n"
+            ")\n",
+            "_LAZY = {'DTLSChannel': '_dtls', 'DTLSChannelStatistics': '_dtls', 'DTLSEndpoint': '_dtls',\n"
+            "         'open_ssl_over_tcp_listeners': '_highlevel_ssl_helpers',\n"
+            "         'open_ssl_over_tcp_stream': '_highlevel_ssl_helpers',\n"
+            "         'serve_ssl_over_tcp': '_highlevel_ssl_helpers',\n"
+            "         'NeedHandshakeError': '_ssl', 'SSLListener': '_ssl', 'SSLStream': '_ssl'}\n",
+        ),
+        (
+            # After this call trio is a module subclass whose __getattr__ (deprecations) would
+            # hide a module-level one: the lazy names go on a subclass of it.
+            "_deprecate.deprecate_attributes(__name__, {})\n",
+            "_deprecate.deprecate_attributes(__name__, {})\n"
+            "import sys as _sys\n"
+            "class _LazyTrio(type(_sys.modules[__name__])):  # seedboot freezer: see PATCHES\n"
+            "    def __getattr__(self, name):\n"
+            "        if name in _LAZY:\n"
+            "            import importlib\n"
+            "            value = getattr(importlib.import_module('trio.' + _LAZY[name]), name)\n"
+            "            setattr(self, name, value)\n"
+            "            return value\n"
+            "        parent = getattr(super(), '__getattr__', None)\n"
+            "        if parent is None:\n"
+            "            raise AttributeError(f'module trio has no attribute {name!r}')\n"
+            "        return parent(name)\n"
+            "_sys.modules[__name__].__class__ = _LazyTrio\n"
+            "del _sys\n",
+        ),
+    ),
+    "trio/_socket.py": (
+        ("\nimport idna as _idna\n", "\n"),
+        (
+            "        return _idna.encode(hostname, uts46=True)\n",
+            "        import idna as _idna  # seedboot freezer: see PATCHES\n\n"
+            "        return _idna.encode(hostname, uts46=True)\n",
         ),
     ),
     "dataclasses.py": (

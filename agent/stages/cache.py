@@ -13,7 +13,6 @@ import os
 import shutil
 import struct
 import time
-import uuid
 from dataclasses import dataclass
 
 from seedboot.agent.stages import Context
@@ -46,7 +45,8 @@ def read_ext(path: str) -> ExtFs | None:
     if len(sb) < 136 or struct.unpack_from("<H", sb, 0x38)[0] != EXT_MAGIC:
         return None
     label = sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return ExtFs(path, label, str(uuid.UUID(bytes=sb[0x68:0x78])))
+    u = sb[0x68:0x78].hex()  # as uuid.UUID prints it, without importing uuid (platform, ...)
+    return ExtFs(path, label, f"{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}")
 
 
 def block_devices(sys_class: str = "/sys/class/block") -> list[str]:
