@@ -47,7 +47,6 @@ PACKAGES: tuple[str, ...] = (
     "sortedcontainers",
     "attr",
     "attrs",
-    "idna",
     "pycurl",
     "pyudev",
     "netifaces",
@@ -132,6 +131,16 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
             "        return _idna.encode(hostname, uts46=True)\n",
         ),
     ),
+    # attrs normalises class names for make_class with unicodedata, imported at the top.
+    "attr/_make.py": (
+        ("\nimport unicodedata\n", "\n"),
+        (
+            '    name = unicodedata.normalize("NFKC", name)\n',
+            "    if not name.isascii():  # seedboot freezer: see PATCHES\n"
+            "        import unicodedata\n\n"
+            '        name = unicodedata.normalize("NFKC", name)\n',
+        ),
+    ),
     "dataclasses.py": (
         ("\nimport inspect\n", "\n"),
         ("    if not getattr(cls, '__doc__'):\n", "    if False:  # seedboot freezer: see PATCHES\n"),
@@ -176,6 +185,34 @@ STDLIB_EXCLUDES = (
     "bz2",
     "_bz2",
     "_pydecimal",  # decimal's pure-Python fallback; the C _decimal is there
+    # Reached only through lazy imports the agent never takes (sniffio's asyncio branch, HTTP
+    # and mail parsing in urllib.request and importlib.metadata, \\N{...} in regexes, attrs'
+    # make_class with a non-ASCII name, non-ASCII host names): 2.3 MB, 1.1 MB of it unicodedata.
+    "asyncio",
+    "email",
+    "http",
+    "urllib.request",
+    "importlib.metadata",
+    "html",
+    "xml",
+    "pyexpat",
+    "unicodedata",
+    "stringprep",
+    "encodings.idna",
+    # Likewise (shutil's archives, base64's and pickle's command lines, warnings' tracebacks).
+    "tarfile",
+    "zipfile",
+    "gzip",
+    "fileinput",
+    "configparser",
+    "optparse",
+    "getopt",
+    "getpass",
+    "tracemalloc",
+    "py_compile",
+    "imp",
+    "zoneinfo",
+    "tomllib",
 )
 # Loaded by the interpreter itself (not by import statements modulefinder sees).
 STDLIB_ALWAYS = (
@@ -184,7 +221,6 @@ STDLIB_ALWAYS = (
     "encodings.utf_8",
     "encodings.ascii",
     "encodings.latin_1",
-    "encodings.idna",
     "encodings.raw_unicode_escape",
     "encodings.unicode_escape",
     # imported by pyfuse3's extension module
