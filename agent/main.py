@@ -159,8 +159,16 @@ USAGE = """usage: seedboot-agent init | selftest | --version | mount|umount|stat
 """
 
 
+def frozen() -> bool:
+    return os.path.basename(sys.executable).startswith("seedboot-agent")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if frozen() and args[:1] != ["--version"]:
+        from seedboot.agent import codecache
+
+        codecache.install()
     if os.getpid() == 1 and (not args or (args[0] not in INIT_COMMANDS and args[0].startswith("-"))):
         args = ["init"]
     if not args or args[0] in ("-h", "--help"):

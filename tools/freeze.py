@@ -27,7 +27,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seedboot.agent.cmdline import STAGE_NAMES
 from seedboot.agent.errors import SeedError
+from seedboot.agent.main import DAEMON_MODULES
 from seedboot.tools import stublib
 
 log = logging.getLogger(__name__)
@@ -429,6 +431,37 @@ def add_stdlib(py: Path, modules: dict[str, str | None]) -> None:
         compile_py(src, (py / rel).with_suffix(".pyc"), str(rel), extra=tail if name == "ctypes.util" else "")
 
 
+# What the code cache is recorded from (agent/codecache.py): what PID 1 and the block daemon import.
+RECORD_IMPORTS = (
+    "seedboot.agent.main",
+    "seedboot.agent.stages.runner",
+    *(f"seedboot.agent.stages.{s}" for s in STAGE_NAMES),
+    *DAEMON_MODULES,
+)
+RECORDER = """
+import sys
+sys.path[:] = [sys.argv[1]]
+from seedboot.agent import codecache
+codecache.record()
+for name in sys.argv[3:]:
+    try:
+        __import__(name)
+    except Exception as e:
+        print(f"codecache: {name}: {type(e).__name__}: {e}", file=sys.stderr)
+print(codecache.save(sys.argv[2]))
+"""
+
+
+def record_code_cache(py: Path) -> int:
+    """Compile, on this host, the source the agent's imports generate (agent/codecache.py)."""
+    if not (py / "seedboot" / "agent" / "codecache.pyc").exists():
+        return 0
+    out = py / "seedboot" / "codecache.marshal"
+    # -OO: the runtime's optimization level; -I -S: nothing from this venv but the frozen tree.
+    text = run([sys.executable, "-OO", "-I", "-S", "-c", RECORDER, str(py), str(out), *RECORD_IMPORTS])
+    return int(text.split()[-1])
+
+
 def elf_files(root: Path) -> list[Path]:
     out = []
     for p in sorted(root.rglob("*")):
@@ -550,6 +583,7 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
     add_stdlib(py, std)
     rt.modules = sorted(std)
     log.info("frozen %d agent/third-party modules, %d stdlib modules", len(names), len(std))
+    log.info("code cache: %d compiled snippets", record_code_cache(py))
 
     libpython = Path(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME") or "")
     if not libpython.is_file():
