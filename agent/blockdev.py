@@ -107,7 +107,7 @@ class BlockDevice:
         cache: BlockCache,
         fetcher: Fetcher | None,
         memory_blocks: int = 48,
-        io_threads: int = 2,
+        io_threads: int = 4,
         write_threads: int = 6,
     ) -> None:
         self.index = index
@@ -122,7 +122,9 @@ class BlockDevice:
         self.writing: dict[str, bytes] = {}
         self.counters = Counters()
         self.throughput = Throughput()
-        # reads someone waits for never queue behind read-ahead: separate pools
+        # reads someone waits for never queue behind read-ahead: separate pools. Four threads
+        # each: a cached block is a file open and read (disk latency, no GIL held) before its
+        # verify and decompress, and two threads left the CPU idle waiting on the disk
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-read")
         self.ahead_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-ahead")
         self.write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="cache-write")
