@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 # request that asked not to keep the block (keep=False: it only has to reach the cache)
 Deliver = Callable[[bytes | None, str], None]
 
-# In-flight writes to the cache, beyond which verification (and so fetching) waits: this
-# bounds the memory a fast mirror and a slow disk can pile up. Each write is fsynced (~5 ms
-# here); several writer threads let the filesystem commit their fsyncs together.
+# In-flight writes to the cache, beyond which verification (and so fetching) waits, once it
+# has delivered the block it holds: this bounds the memory a fast mirror and a slow disk can
+# pile up. Each write is fsynced (~5 ms here); several writer threads let the filesystem
+# commit their fsyncs together.
 MAX_PENDING_WRITES = 12
 
 
@@ -267,11 +268,13 @@ class BlockDevice:
                     self.counters.prefetched += 1
                 self.counters.fetched_bytes += len(stored)
                 self.throughput.add(len(stored))
-            self.write_slots.acquire()
             with self.lock:
                 self.writing[d] = stored
-            self.write_pool.submit(self._write, d, stored)
+            # the reader has its block before this thread waits for a write slot: only
+            # fetching (this verify thread) waits for the disk's fsyncs, not reads
             self._deliver(d, plain, "")
+            self.write_slots.acquire()
+            self.write_pool.submit(self._write, d, stored)
 
         with self.lock:
             keep = self.pending[d].keep
