@@ -125,9 +125,10 @@ def random_latency(path: Path, count: int = 300) -> tuple[float, float]:
 
 
 @contextmanager
-def ext4_on(image: Path, where: Path) -> Iterator[Path]:
+def ext4_on(image: Path, where: Path, direct_io: bool = True) -> Iterator[Path]:
     with ExitStack() as stack:
-        dev = run("losetup", "-r", "--direct-io=on", "-f", "--show", image).strip()
+        dio = "on" if direct_io else "off"
+        dev = run("losetup", "-r", f"--direct-io={dio}", "-f", "--show", image).strip()
         stack.callback(run, "losetup", "-d", dev, check=False)
         where.mkdir(parents=True, exist_ok=True)
         run("mount", "-o", "ro", dev, where)
@@ -188,6 +189,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1, help="repeat each case, report the best")
     ap.add_argument("--rtts", default="0,100", help="cold cases at these RTTs (ms)")
     ap.add_argument("--prefetch", default="off,all", help="cold cases with these --prefetch modes")
+    ap.add_argument(
+        "--loop-direct-io",
+        choices=("on", "off"),
+        default="on",
+        help="loop device over disk.img with or without direct I/O (the baseline always uses it)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (loop devices, FUSE, drop_caches)", file=sys.stderr)
@@ -201,6 +208,7 @@ def main() -> int:
     nginx = Nginx(root=mirror, workdir=tmp / "nginx").start()
     host, port = nginx.url.removeprefix("http://").split(":")
     conns = ["--conns", str(args.conns)]
+    dio = args.loop_direct_io == "on"
 
     def best(name: str, value: float, cpu_s: float | None = None) -> None:
         if value > results.get(name, 0.0):
@@ -224,7 +232,7 @@ def main() -> int:
                         seedboot_mount(
                             proxy.url, cache, pub, tmp / "mnt", "--prefetch", prefetch, *conns
                         ) as pid,
-                        ext4_on(tmp / "mnt" / "disk.img", tmp / "fs") as fs,
+                        ext4_on(tmp / "mnt" / "disk.img", tmp / "fs", dio) as fs,
                     ):
                         c0 = cpu_seconds(pid)
                         mbs = read_seq(fs / "big.bin")
@@ -235,7 +243,7 @@ def main() -> int:
             # the last cold run left the whole image in the cache
             with (
                 seedboot_mount(None, tmp / "cache", pub, tmp / "mnt", "--prefetch", "off") as pid,
-                ext4_on(tmp / "mnt" / "disk.img", tmp / "fs") as fs,
+                ext4_on(tmp / "mnt" / "disk.img", tmp / "fs", dio) as fs,
             ):
                 c0 = cpu_seconds(pid)
                 mbs = read_seq(fs / "big.bin")
@@ -248,7 +256,8 @@ def main() -> int:
 
     direct = results["direct loop"]
     print(
-        f"\nsequential read of a {args.size_mb} MiB file in ext4 (page cache dropped), --conns {args.conns}"
+        f"\nsequential read of a {args.size_mb} MiB file in ext4 (page cache dropped), --conns {args.conns},"
+        f" loop over disk.img with direct I/O {args.loop_direct_io}"
     )
     size = args.size_mb * 1.048576
     for name, v in results.items():
