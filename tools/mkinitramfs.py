@@ -262,9 +262,18 @@ def assemble(
     uncompressed = cpio.write(raw, entries)
     print(f"compressing {uncompressed / 1e6:.1f} MB with zstd -{level} ...", flush=True)
     # The kernel's zstd decoder takes a plain single-frame stream with a content checksum.
-    cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+    # A 16 MB window with long-distance matching (zstd --long=24) finds the repeats across the
+    # ~40 MB archive (ELF files share code and tables): -0.36 MB at -19. The kernel allocates the
+    # frame's window to unpack it (16 MB instead of 8 MB, freed before /init runs).
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, window_log=WINDOW_LOG, enable_ldm=True, threads=-1, write_checksum=True
+    )
+    cctx = zstandard.ZstdCompressor(compression_params=params)
     data = cctx.compress(raw.getvalue())
     return data, uncompressed, rels, runtime_size
+
+
+WINDOW_LOG = 24
 
 
 def build(
