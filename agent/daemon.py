@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import Fetcher
 from seedboot.agent.mirrors import MirrorSet, probe
+from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.reader import DirReader, HttpReader, NotFound
 from seedboot.agent.release import Release, load_keys, open_release, save_release
 from seedboot.agent.rollback import RollbackRefused
@@ -45,52 +45,6 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024
 READY_TIMEOUT = 180.0
-
-
-@dataclass
-class MountOptions:
-    mountpoint: Path
-    name: str
-    pubkeys: list[Path]
-    cache: Path
-    mirrors: list[str] = field(default_factory=list)
-    version: int | None = None
-    prefetch: str = "profile"
-    conns: int = 32
-    offline: bool = False
-    record: Path | None = None
-    cache_max: int | None = None
-    probe: bool = True
-    cached_release: bool = False
-    expiry_tolerance: int = 0
-    log: Path | None = None
-    argv0: str | None = None
-
-    def to_argv(self) -> list[str]:
-        """The mount subcommand's arguments that reproduce these options."""
-        a = ["mount", "--name", self.name, "--cache", str(self.cache), "--prefetch", self.prefetch]
-        for m in self.mirrors:
-            a += ["--mirror", m]
-        for k in self.pubkeys:
-            a += ["--pubkey", str(k)]
-        a += ["--conns", str(self.conns), "--expiry-tolerance", str(self.expiry_tolerance)]
-        if self.version is not None:
-            a += ["--version", str(self.version)]
-        if self.offline:
-            a.append("--offline")
-        if self.record is not None:
-            a += ["--record", str(self.record)]
-        if self.cache_max is not None:
-            a += ["--cache-max", str(self.cache_max)]
-        if not self.probe:
-            a.append("--no-probe")
-        if self.cached_release:
-            a.append("--cached-release")
-        if self.log is not None:
-            a += ["--log", str(self.log)]
-        if self.argv0 is not None:
-            a += ["--argv0", self.argv0]
-        return [*a, str(self.mountpoint)]
 
 
 # -- trust ---------------------------------------------------------------------------------

@@ -452,7 +452,11 @@ import sys
 sys.path[:] = [sys.argv[1]]
 from seedboot.agent import codecache
 codecache.record()
-for name in sys.argv[3:]:
+import pkgutil
+import seedboot.agent
+# The listed modules first (their order is the boot's), then every agent module a stage imports lazily.
+names = [*sys.argv[3:], *(m.name for m in pkgutil.walk_packages(seedboot.agent.__path__, "seedboot.agent."))]
+for name in names:
     try:
         __import__(name)
     except Exception as e:

@@ -142,7 +142,7 @@ def show_log_tail(ctx: Context, lines: int = 15) -> None:
 
 
 def run(ctx: Context) -> str:
-    from seedboot.agent.daemon import MountOptions, spawn
+    from seedboot.agent.mount_options import MountOptions
 
     rel = ctx.release
     if rel is None:
@@ -180,7 +180,12 @@ def run(ctx: Context) -> str:
         cancel(pre)
         pre = None
     try:
-        pid = start_prewarmed(pre, opts.to_argv(), mountpoint, ctx) if pre is not None else spawn(opts)
+        if pre is not None:
+            pid = start_prewarmed(pre, opts.to_argv(), mountpoint, ctx)
+        else:  # not frozen, or the early daemon died: PID 1 pays for the daemon's imports
+            from seedboot.agent.daemon import spawn
+
+            pid = spawn(opts)
     except SeedError:
         show_log_tail(ctx)
         raise
