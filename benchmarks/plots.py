@@ -46,7 +46,8 @@ def write(rows: Sequence[Row], out: Path) -> list[Path]:
         return []
     groups: dict[float, list[Row]] = {}
     for row in rows:
-        if row.config.rtt is not None and row.median_run() is not None:
+        run = row.median_run()
+        if row.config.rtt is not None and run is not None and run.trace:
             groups.setdefault(row.config.rtt, []).append(row)
     written = []
     for rtt, group in sorted(groups.items()):
@@ -64,10 +65,13 @@ def write(rows: Sequence[Row], out: Path) -> list[Path]:
         ax_traffic.set_title(
             f"Boot traffic and throughput at {rtt * 1000:.0f} ms RTT (cf. the paper's Figure {fig_no})"
         )
-        ax_traffic.set_ylabel("downloaded, MB (cumulative)")
+        # Peers fetch up to 40x what seedboot does: a log scale keeps every curve readable.
+        ax_traffic.set_yscale("symlog", linthresh=1.0)
+        ax_rate.set_yscale("symlog", linthresh=1.0)
+        ax_traffic.set_ylabel("downloaded, MB (cumulative, log)")
         ax_traffic.legend(fontsize="small")
         ax_traffic.grid(alpha=0.3)
-        ax_rate.set_ylabel(f"throughput, MB/s ({BIN} s bins)")
+        ax_rate.set_ylabel(f"throughput, MB/s ({BIN} s bins, log)")
         ax_rate.set_xlabel("seconds since QEMU start (dot: marker reached)")
         ax_rate.grid(alpha=0.3)
         path = out / f"figure{fig_no}-{rtt * 1000:.0f}ms.png"
