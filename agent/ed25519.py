@@ -8,7 +8,6 @@ implementation, not hand-written arithmetic. The publisher side signs with ``cry
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 from functools import cache
 
@@ -21,11 +20,9 @@ _NID_ED25519 = 1087  # EVP_PKEY_ED25519 in OpenSSL >= 1.1.1
 def _libcrypto() -> ctypes.CDLL:
     # hashlib's OpenSSL backend has usually loaded libcrypto already, so this finds that copy.
     hashlib.sha256()
-    names = ["libcrypto.so.3", "libcrypto.so.1.1"]
-    found = ctypes.util.find_library("crypto")
-    if found:
-        names.append(found)
-    for name in names:
+    # By soname, not ctypes.util.find_library: that imports tempfile, shutil and platform
+    # (30-50 ms under emulation, in PID 1 and again in the block daemon).
+    for name in ("libcrypto.so.3", "libcrypto.so.1.1"):
         try:
             lib = ctypes.CDLL(name)
         except OSError:

@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--version", type=int, help="image version (default: the newest; older ones only when named)"
     )
     p.add_argument("--prefetch", choices=("profile", "all", "off"), default="profile")
-    p.add_argument("--conns", type=int, default=32, help="transfers in flight (default 32, hides ~100 ms)")
+    p.add_argument("--conns", type=int, default=64, help="transfers in flight (default 64, hides ~100 ms)")
     p.add_argument("--offline", action="store_true", help="use only the cache and its verified release")
     p.add_argument("--record", type=Path, metavar="FILE", help="write the first-read order of blocks here")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until unmounted")

@@ -20,7 +20,7 @@ class MountOptions:
     mirrors: list[str] = field(default_factory=list)
     version: int | None = None
     prefetch: str = "profile"
-    conns: int = 32
+    conns: int = 64
     offline: bool = False
     record: Path | None = None
     cache_max: int | None = None

@@ -164,7 +164,7 @@ def run(ctx: Context) -> str:
         mirrors=[] if offline else list(ctx.mirrors),
         version=version,
         prefetch=ctx.cmdline.prefetch,
-        conns=ctx.cmdline.conns or 32,
+        conns=ctx.cmdline.conns or 64,
         offline=offline,
         record=record,
         probe=False,
