@@ -96,7 +96,10 @@ def test_partition_table_boot_esp_and_cache_to_the_end(built: mkseed.SeedResult)
     core = (diskimage.GRUB_PC_DIR / "boot.img").stat().st_size
     assert int(parts[0]["start"]) * 512 >= core  # type: ignore[call-overload]
     end = int(parts[2]["start"]) + int(parts[2]["size"])  # type: ignore[call-overload]
-    assert end * 512 == 16 * GiB
+    # The ESP just fits GRUB's image (a wide FAT would cost allocation units in every format);
+    # what is left past it, less than one ext4 group, stays unpartitioned.
+    assert 16 * GiB - 130 * (1 << 20) < end * 512 <= 16 * GiB
+    assert int(parts[2]["size"]) * 512 <= 2 * (1 << 20)  # type: ignore[call-overload]
     assert int(parts[0]["size"]) * 512 > 16 * GiB - 140 * (1 << 20), "the cache takes nearly all"  # type: ignore[call-overload]
     assert _probe(raw, built.layout.boot.start) == {**_probe(raw, built.layout.boot.start), "TYPE": "ext2"}
     assert _probe(raw, built.layout.boot.start)["LABEL"] == "SEEDBOOT"

@@ -4,7 +4,8 @@
     sectors 1..     GRUB's i386-pc core.img (before the first partition; grub-install fails here)
     partition 1     KNXBLOCK, ext4: the block cache, nearly all of the disk    (mke2fs, lazy init)
     partition 2     /boot, ext2 (bootable): grub/grub.cfg, vmlinuz, initrd.img   (mke2fs -d)
-    partition 3     ESP, FAT (type ef): EFI/BOOT/BOOTX64.EFI, up to the end     (mkfs.vfat + mtools)
+    partition 3     ESP, FAT (type ef): EFI/BOOT/BOOTX64.EFI, just fitting it    (mkfs.vfat + mtools)
+    (the few MiB past the ESP, less than one ext4 group, stay unpartitioned)
 
 Every filesystem is written straight into the image file at its offset, and zero runs are
 punched out afterwards, so the blocks never written stay holes: a 16 GiB disk takes about
@@ -108,7 +109,10 @@ def plan(size: int, boot_bytes: int, esp_bytes: int, core_bytes: int = 256 * KiB
         )
     cache = Partition(CACHE_LABEL, start, cache_size, "83")
     boot = Partition(BOOT_LABEL, cache.end, boot_size, "83", bootable=True)
-    esp = Partition(ESP_LABEL, boot.end, size - boot.end, "ef")
+    # The ESP just fits GRUB's image: a large FAT spreads its tables and clusters over more of
+    # the disk, which costs whole 1-2 MiB allocation units in vdi/hdd/vhd files. The few MiB
+    # left at the end of the disk stay unpartitioned.
+    esp = Partition(ESP_LABEL, boot.end, _mib_up(esp_bytes), "ef")
     return Layout(size, cache, boot, esp)
 
 
