@@ -7,7 +7,7 @@ from pathlib import Path
 
 from seedboot.agent import release
 from seedboot.tools import cat
-from seedboot.tools.progress import Progress
+from seedboot.tools.progress import progress_callback
 from seedboot.tools.verify_cmd import add_mirror_args
 
 
@@ -24,19 +24,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     keys = release.load_keys(args.pubkey)
-    bar: Progress | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(total, f"cat {args.name}")
-        bar.update(done)
-
-    try:
+    with progress_callback(f"cat {args.name}") as progress:
         res = cat.cat_release(args.mirror, args.name, keys, args.out, args.version, args.conns, progress)
-    finally:
-        if bar is not None:
-            bar.close()
     mb = res.image_size / 1e6
     print(
         f"{res.name} version {res.version}: {mb:.1f} MB written to {args.out} "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 
@@ -44,3 +46,22 @@ class Progress:
         if self.enabled:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+@contextmanager
+def progress_callback(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback whose bar appears on its first call (when the
+    total is known) and is cleared when the block ends, error or not."""
+    bar: Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, label)
+        bar.update(done)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from seedboot.agent import release
 from seedboot.tools import verify
-from seedboot.tools.progress import Progress
+from seedboot.tools.progress import progress_callback
 
 
 def add_mirror_args(p: argparse.ArgumentParser) -> None:
@@ -38,19 +38,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     keys = release.load_keys(args.pubkey)
-    bar: Progress | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = Progress(total, f"verify {args.name}")
-        bar.update(done)
-
-    try:
+    with progress_callback(f"verify {args.name}") as progress:
         rep = verify.verify_release(args.mirror, args.name, keys, args.version, args.conns, progress)
-    finally:
-        if bar is not None:
-            bar.close()
     meta = rep.release.meta
     for line in rep.problems:
         print(f"seedboot verify: {line}", file=sys.stderr)
