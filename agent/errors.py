@@ -33,3 +33,12 @@ class MetadataExpired(SeedError):
 
 class FormatError(SeedError):
     """A file of the mirror format that cannot be parsed or does not add up."""
+
+
+def report(prog: str, e: SeedError) -> None:
+    """Print an error the way every seedboot command does: one line, then the hint if any."""
+    import sys
+
+    print(f"{prog}: error: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"  hint: {e.hint}", file=sys.stderr)

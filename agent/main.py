@@ -101,7 +101,7 @@ def _block_commands(argv: list[str]) -> int:
     import argparse
 
     from seedboot.agent import mount_cmd
-    from seedboot.agent.errors import SeedError
+    from seedboot.agent.errors import SeedError, report
 
     parser = argparse.ArgumentParser(prog="seedboot-agent")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -111,9 +111,7 @@ def _block_commands(argv: list[str]) -> int:
         code: int = args.func(args)
         return code
     except SeedError as e:
-        print(f"seedboot-agent {args.command}: error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  hint: {e.hint}", file=sys.stderr)
+        report(f"seedboot-agent {args.command}", e)
         return 1
 
 

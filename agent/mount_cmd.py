@@ -40,7 +40,7 @@ from typing import Any
 
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
-from seedboot.agent.errors import SeedError
+from seedboot.agent.errors import SeedError, report
 
 log = logging.getLogger(__name__)
 
@@ -321,9 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except SeedError as e:
-        print(f"seedboot {args.command}: error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  hint: {e.hint}", file=sys.stderr)
+        report(f"seedboot {args.command}", e)
         return 1
     except KeyboardInterrupt:
         return 130

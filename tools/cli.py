@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from seedboot.agent.errors import SeedError
+from seedboot.agent.errors import SeedError, report
 
 COMMAND_MODULES: tuple[str, ...] = (
     "seedboot.tools.keygen_cmd",
@@ -60,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SeedError as e:
         if args.debug:
             raise
-        print(f"seedboot {args.command}: error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"  hint: {e.hint}", file=sys.stderr)
+        report(f"seedboot {args.command}", e)
         return 1
     except KeyboardInterrupt:
         print(f"seedboot {args.command}: interrupted", file=sys.stderr)
