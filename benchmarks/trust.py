@@ -22,13 +22,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seedboot.tools import keys, publish
 from tests import artifacts
 from tests.helpers import Nginx
-from tests.qemu import Disk, Guest
+from tests.qemu import Disk, Guest, swtpm_device
 
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -77,45 +78,26 @@ def boot_once(cfg: Config, work: Path, initrd: Path, url: str, run: int) -> dict
     cache = work / "cache.img"
     cache.unlink(missing_ok=True)
     subprocess.run(["mke2fs", "-q", "-t", "ext4", "-L", "KNXBLOCK", str(cache), "256M"], check=True)
-    extra: list[str] = []
-    sw = None
-    if cfg.tpm:
-        state = work / f"tpm-{cfg.name}-{run}"
-        state.mkdir()
-        sock = work / "swtpm.sock"
-        sock.unlink(missing_ok=True)
-        sw = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}", "--tpmstate", f"dir={state}",
-             "--flags", "startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        extra = [
-            "-chardev", f"socket,id=chrtpm,path={sock}",
-            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0",
-        ]  # fmt: skip
-    guest = Guest(
-        log=work / f"{cfg.name}-{run}.log",
-        kernel=artifacts.kernel_dir() / "vmlinuz",
-        initrd=initrd,
-        append=f"seed.name=bench seed.mirrors={url} seed.rescue=reboot",
-        disks=[Disk(cache)],
-        extra=extra,
-        watchdog=600,
-    )
-    t0 = time.monotonic()
-    try:
+    with ExitStack() as stack:
+        extra: list[str] = []
+        if cfg.tpm:
+            state = work / f"tpm-{cfg.name}-{run}"
+            state.mkdir()
+            extra = stack.enter_context(swtpm_device(state, work / "swtpm.sock"))
+        guest = Guest(
+            log=work / f"{cfg.name}-{run}.log",
+            kernel=artifacts.kernel_dir() / "vmlinuz",
+            initrd=initrd,
+            append=f"seed.name=bench seed.mirrors={url} seed.rescue=reboot",
+            disks=[Disk(cache)],
+            extra=extra,
+            watchdog=600,
+        )
+        t0 = time.monotonic()
         with guest:
             guest.expect(r"BENCH-ROOT-OK", timeout=500)
             marker = time.monotonic() - t0
             guest.wait_exit(60)
-    finally:
-        if sw is not None:
-            sw.terminate()
-            sw.wait(10)
     c = guest.console()
     read = re.search(r"BENCH-READ-S=([0-9.]+)", c)
     return {

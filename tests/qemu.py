@@ -16,6 +16,8 @@ import shlex
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -196,3 +198,28 @@ def kernel_seconds(console: str, pattern: str) -> float | None:
             if m:
                 return float(m.group(1))
     return None
+
+
+@contextmanager
+def swtpm_device(state: Path, sock: Path) -> Iterator[list[str]]:
+    """A software TPM 2.0 (swtpm) keeping its state in STATE, for one guest boot: yields the
+    QEMU arguments of a tpm-tis device on it, and stops it when the block ends."""
+    sock.unlink(missing_ok=True)
+    sw = subprocess.Popen(
+        ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}", "--tpmstate", f"dir={state}",
+         "--flags", "startup-clear"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield [
+            "-chardev", f"socket,id=chrtpm,path={sock}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", "tpm-tis,tpmdev=tpm0",
+        ]  # fmt: skip
+    finally:
+        sw.terminate()
+        sw.wait(10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from seedboot.agent import tpm
 from seedboot.agent.rollback import RollbackRefused
 from tests.helpers import free_port, have, wait_port
+from tests.qemu import swtpm_device
 
 pytestmark = pytest.mark.skipif(
     not (have("swtpm") and have("tpm2_pcrextend")), reason="swtpm/tpm2-tools missing"
@@ -192,29 +192,8 @@ def test_guest_measures_and_refuses_replay(tmp_path: Path) -> None:
     state.mkdir()
 
     def boot_with_tpm(append: str) -> dict[str, str]:
-        sock = tmp_path / "swtpm.sock"
-        sw = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}", "--tpmstate", f"dir={state}",
-             "--flags", "startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            for _ in range(100):
-                if sock.exists():
-                    break
-                time.sleep(0.05)
-            return guest.boot(
-                image,
-                append,
-                qemu_args=(
-                    "-chardev", f"socket,id=chrtpm,path={sock}",
-                    "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-                    "-device", "tpm-tis,tpmdev=tpm0",
-                ),
-            )  # fmt: skip
-        finally:
-            sw.terminate()
-            sw.wait(10)
+        with swtpm_device(state, tmp_path / "swtpm.sock") as qemu_args:
+            return guest.boot(image, append, qemu_args=tuple(qemu_args))
 
     d3 = hashlib.sha256(b"metadata v3").hexdigest()
     first = boot_with_tpm("seedtest=tpm seedtest.version=3")

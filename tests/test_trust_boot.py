@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from seedboot.agent import layout
 from seedboot.tools import keyring_tools, keys, publish
 from tests import artifacts
 from tests.helpers import Nginx, have, keypair
-from tests.qemu import Disk, Guest
+from tests.qemu import Disk, Guest, swtpm_device
 
 pytestmark = [
     pytest.mark.qemu,
@@ -73,42 +73,20 @@ class Machine:
     def boot(self, append: str = "", tpm: bool = True, expect: str = r"TRUST-ROOT-OK") -> str:
         """Boot until the guest powers off; the console. Fails unless EXPECT shows up."""
         self.boots += 1
-        extra: list[str] = []
-        sw = None
-        if tpm:
-            sock = self.dir / "swtpm.sock"
-            sock.unlink(missing_ok=True)
-            sw = subprocess.Popen(
-                ["swtpm", "socket", "--tpm2", "--ctrl", f"type=unixio,path={sock}",
-                 "--tpmstate", f"dir={self.tpm_state}", "--flags", "startup-clear"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            for _ in range(100):
-                if sock.exists():
-                    break
-                time.sleep(0.05)
-            extra = [
-                "-chardev", f"socket,id=chrtpm,path={sock}",
-                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-                "-device", "tpm-tis,tpmdev=tpm0",
-            ]  # fmt: skip
-        guest = Guest(
-            log=self.dir / f"boot-{self.boots}.log",
-            kernel=artifacts.kernel_dir() / "vmlinuz",
-            initrd=self.initrd,
-            append=f"seed.name=demo seed.mirrors={self.url} seed.rescue=reboot {append}",
-            disks=[Disk(self.cache)],
-            extra=extra,
-            watchdog=400,
-        )
-        try:
+        with ExitStack() as stack:
+            extra = stack.enter_context(swtpm_device(self.tpm_state, self.dir / "swtpm.sock")) if tpm else []
+            guest = Guest(
+                log=self.dir / f"boot-{self.boots}.log",
+                kernel=artifacts.kernel_dir() / "vmlinuz",
+                initrd=self.initrd,
+                append=f"seed.name=demo seed.mirrors={self.url} seed.rescue=reboot {append}",
+                disks=[Disk(self.cache)],
+                extra=extra,
+                watchdog=400,
+            )
             with guest:
                 guest.expect(expect, timeout=300)
                 guest.wait_exit(120)
-        finally:
-            if sw is not None:
-                sw.terminate()
-                sw.wait(10)
         return guest.console()
 
 
