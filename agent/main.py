@@ -56,10 +56,23 @@ def _ed25519_known_answer() -> bool:
     return ed25519.verify(pk, sig, b"") and not ed25519.verify(pk, sig, b"x")
 
 
+def _agent_modules(root: str) -> list[str]:
+    """Every module of the agent package under ROOT (sources here, sourceless .pyc when frozen)."""
+    names = set()
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        rel = os.path.relpath(top, root)
+        pkg = "seedboot.agent" + ("" if rel == "." else "." + rel.replace(os.sep, "."))
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            if ext in (".py", ".pyc") and stem != "__main__":
+                names.add(pkg if stem == "__init__" else f"{pkg}.{stem}")
+    return sorted(names)
+
+
 def selftest() -> int:
     """Import everything the agent and the block daemon load at run time; print versions."""
     import importlib
-    import pkgutil
 
     import seedboot.agent
 
@@ -82,14 +95,12 @@ def selftest() -> int:
     else:
         failed.append("ed25519")
         print("ed25519: FAILED: RFC 8032 test vector did not verify through libcrypto")
-    for info in pkgutil.walk_packages(seedboot.agent.__path__, "seedboot.agent."):
-        if info.name.endswith(("__main__",)):
-            continue
+    for name in _agent_modules(seedboot.agent.__path__[0]):
         try:
-            importlib.import_module(info.name)
+            importlib.import_module(name)
         except Exception as e:
-            failed.append(info.name)
-            print(f"{info.name}: FAILED: {type(e).__name__}: {e}")
+            failed.append(name)
+            print(f"{name}: FAILED: {type(e).__name__}: {e}")
     if failed:
         print(f"seedboot-agent selftest FAILED: {', '.join(failed)}")
         return 1

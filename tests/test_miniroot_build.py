@@ -33,7 +33,7 @@ NIC_MODULES = [
     "e1000", "e1000e", "vmxnet3", "pcnet32", "tulip", "8139too", "8139cp", "ne2k-pci",
     "virtio_net", "hv_netvsc", "xen-netfront",
 ]  # fmt: skip
-FS_MODULES = ["fuse", "loop", "overlay", "ext4", "crc32c_generic", "dm-mod", "dm-verity", "vfat"]
+FS_MODULES = ["fuse", "loop", "overlay", "ext4", "crc32c_generic", "dm-mod", "dm-verity"]
 
 
 def ko_names(entries: dict[str, cpio.Entry]) -> set[str]:

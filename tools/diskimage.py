@@ -47,7 +47,7 @@ CACHE_TAIL_BLOCKS = 200
 
 # What grub.cfg uses (grub/menu.py): menus, serial + screen, linux/initrd, search by UUID.
 COMMON_MODULES = ("part_msdos", "ext2", "normal", "linux", "serial", "terminal", "echo", "test", "configfile",
-                  "search", "search_fs_uuid", "sleep", "halt", "reboot", "gzio")  # fmt: skip
+                  "search", "search_fs_uuid", "sleep", "halt", "reboot")  # fmt: skip
 BIOS_MODULES = ("biosdisk", *COMMON_MODULES)
 EFI_MODULES = ("fat", "efi_gop", *COMMON_MODULES)
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")

@@ -57,9 +57,14 @@ PACKAGES: tuple[str, ...] = (
 # Debian's tpm2-tss, for agent/tpm_esys.py (libtss2-sys, -mu and libcrypto come as dependencies).
 TPM_LIBRARIES = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0")
 # Files never needed at run time (type stubs, tests, the cffi backend of zstandard).
-SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test"})
+SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test", "_tools"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
-SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py|asyncio\.py)$")
+# trio's TLS and DTLS layers load only on first use (see PATCHES) and nothing uses them; without
+# them the stdlib's ssl and _ssl stay out too (0.1 MB zstd).
+SKIP_NAMES = re.compile(
+    r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py|asyncio\.py"
+    r"|_ssl\.py|_dtls\.py|_highlevel_ssl_helpers\.py|_repl\.py)$"
+)
 # Source edits at freeze time: module path -> ((old, new), ...), for start-up cost under emulation.
 # - pyfuse3 asks importlib.metadata for its version at import, which pulls in email, zipfile, csv...
 # - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
@@ -186,7 +191,24 @@ STDLIB_EXCLUDES = (
     "_lzma",
     "bz2",
     "_bz2",
-    "_pydecimal",  # decimal's pure-Python fallback; the C _decimal is there
+    "_pydecimal",
+    # Reached only from random's self-test (statistics) and what statistics imports: 0.13 MB zstd.
+    "statistics",
+    "fractions",
+    "decimal",
+    "_decimal",
+    "ssl",
+    "_ssl",
+    # Only in lazy imports the agent never takes (time.strptime, pickle's and uuid's
+    # self-tests), or in nothing the agent loads (sysconfig, pkgutil, zipimport is frozen in).
+    "_strptime",
+    "calendar",
+    "pprint",
+    "uuid",
+    "_uuid",
+    "sysconfig",
+    "pkgutil",
+    "zipimport",
     # Reached only through lazy imports the agent never takes (sniffio's asyncio branch, HTTP
     # and mail parsing in urllib.request and importlib.metadata, \\N{...} in regexes, attrs'
     # make_class with a non-ASCII name, non-ASCII host names): 2.3 MB, 1.1 MB of it unicodedata.
@@ -439,6 +461,8 @@ MORE_STUBS = (
     stublib.Stub("libzstd.so.1", "0"),
     stublib.Stub("libbrotlidec.so.1", "0"),
     stublib.Stub("libssh2.so.1", "0", ("libssh2_version",)),
+    # Debian builds pyexpat into libpython; the xml packages that use it are excluded above.
+    stublib.Stub("libexpat.so.1", "0"),
 )
 # What the code cache is recorded from (agent/codecache.py): what PID 1 and the block daemon import.
 RECORD_IMPORTS = (
@@ -452,10 +476,10 @@ import sys
 sys.path[:] = [sys.argv[1]]
 from seedboot.agent import codecache
 codecache.record()
-import pkgutil
 import seedboot.agent
+from seedboot.agent.main import _agent_modules
 # The listed modules first (their order is the boot's), then every agent module a stage imports lazily.
-names = [*sys.argv[3:], *(m.name for m in pkgutil.walk_packages(seedboot.agent.__path__, "seedboot.agent."))]
+names = [*sys.argv[3:], *_agent_modules(seedboot.agent.__path__[0])]
 for name in names:
     try:
         __import__(name)

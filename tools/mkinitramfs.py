@@ -121,9 +121,10 @@ def stage_modules(k: Kernel, rels: list[str], root: Path) -> None:
         if (k.modules / meta).exists():
             shutil.copy2(k.modules / meta, dest / meta)
     freeze.run(["depmod", "-b", str(root), k.version])
-    # depmod's binary indexes duplicate the text files busybox modprobe reads.
-    for p in dest.glob("*.bin"):
-        p.unlink()
+    # depmod's binary indexes duplicate the text files busybox modprobe reads; the whole kernel's
+    # module order and built-in modinfo were only depmod's input (35 KB zstd).
+    for p in [*dest.glob("*.bin"), dest / "modules.order", dest / "modules.builtin.modinfo"]:
+        p.unlink(missing_ok=True)
 
 
 def busybox_entries() -> Iterator[cpio.Entry]:
