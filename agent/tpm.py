@@ -1,8 +1,9 @@
 """TPM 2.0: measure the verified release into a PCR; a rollback NV counter.
 
-The TPM stack is Debian's tpm2-tss: the ESAPI library (libtss2-esys, through ctypes in
-tpm_esys.py), which is what the miniroot carries, or tpm2-tools where those libraries cannot
-be loaded (``detect``). Both talk to the same TCTI.
+The agent talks to the TPM itself (tpm_wire.py: the nine TPM 2.0 commands it needs,
+marshalled in pure Python), so the miniroot carries no TPM library; tpm2-tools, where
+installed, are the alternative ``detect`` can be asked for and what the tests check against.
+Both address the TPM with the same TCTI string.
 
 Measurement. Before the switch into the new root the agent extends **PCR 15** in the
 SHA-256 bank with the SHA-256 of the verified metadata bytes (``Release.meta_digest``):
@@ -36,13 +37,12 @@ can delete both indices; the agent then starts over at the version it sees, and 
 state file on the cache still refuses older versions.
 
 Where no TPM is present (no ``/dev/tpmrm0``) nothing is measured and the console says so.
-The TCTI is ``device:/dev/tpmrm0`` by default; ``SEEDBOOT_TPM_TCTI`` or ``TPM2TOOLS_TCTI``
-(e.g. ``swtpm:port=2321``) override it, which is how host tests use swtpm.
+The TCTI is ``device:/dev/tpmrm0`` by default (``device:/dev/tpm0`` on a kernel without
+the resource manager); ``SEEDBOOT_TPM_TCTI`` or ``TPM2TOOLS_TCTI`` (e.g. ``swtpm:port=2321``)
+override it, which is how host tests use swtpm.
 
-The miniroot needs ``libtss2-esys.so.0``, ``libtss2-sys.so.1``, ``libtss2-mu.so.0``,
-``libtss2-tctildr.so.0``, ``libtss2-tcti-device.so.0`` (dlopen'ed by name, so no ELF
-names it) and ``libcrypto.so.3``; with the TPM TIS/CRB drivers built into Debian's kernel,
-no module.
+The miniroot needs nothing but the agent: with the TPM TIS/CRB drivers built into Debian's
+kernel, no module and no library.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ RC_NV_DEFINED = 0x14C  # already defined
 # "Esys_NV_Read(0x14A) - tpm:..." (or, with TSS2_LOG on, "ErrorCode (0x0000014a)").
 _RC_RE = re.compile(r"\(0x([0-9a-fA-F]+)\)")
 
-# TPMA_NV attributes of the two indices (see tpm_esys for the bits).
+# TPMA_NV attributes of the two indices (see tpm_wire for the bits).
 NV_COUNTER = "counter"
 NV_BASE = "base"
 
@@ -117,23 +117,23 @@ class Tpm(Protocol):
 
 
 @dataclass(frozen=True)
-class EsysTpm:
-    """Through Debian's libtss2-esys (what the miniroot carries: no tpm2-tools needed)."""
+class WireTpm:
+    """Through the agent's own TPM 2.0 client (tpm_wire.py): what the miniroot uses."""
 
     tcti: str
-    kind: str = "tss2-esys"
+    kind: str = "tpm-wire"
 
     def _do(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        from seedboot.agent import tpm_esys
+        from seedboot.agent import tpm_wire
 
         try:
-            ctx = tpm_esys.Esys(self.tcti)
-        except tpm_esys.EsysError as e:
+            ctx = tpm_wire.Wire(self.tcti)
+        except tpm_wire.WireError as e:
             raise TpmError(f"cannot reach the TPM via {self.tcti} ({e})", "is the TPM working?") from e
         try:
             return fn(ctx)
-        except tpm_esys.EsysError as e:
-            code = None if e.tpm_rc is None else _mask(e.rc)
+        except tpm_wire.WireError as e:
+            code = e.tpm_rc
             raise TpmError(f"TPM {what} ({self.tcti}) failed: {e}", code=code) from e
         finally:
             ctx.close()
@@ -148,7 +148,7 @@ class EsysTpm:
         return bytes(self._do(f"NV_Read {index:#x}", lambda t: t.nv_read(index)))
 
     def nv_define(self, index: int, size: int, kind: str) -> None:
-        from seedboot.agent import tpm_esys as e
+        from seedboot.agent import tpm_wire as e
 
         attrs = e.NV_OWNERREAD | e.NV_OWNERWRITE | e.NV_AUTHREAD | e.NV_AUTHWRITE
         attrs |= e.NV_TPM_NT_COUNTER if kind == NV_COUNTER else e.NV_WRITEDEFINE
@@ -166,8 +166,8 @@ class EsysTpm:
 
 @dataclass(frozen=True)
 class CliTpm:
-    """Through tpm2-tools (a fallback where the TSS libraries cannot be loaded, and the
-    independent implementation the tests check against)."""
+    """Through tpm2-tools (where asked for, and the independent implementation the tests
+    check against)."""
 
     tcti: str
     kind: str = "tpm2-tools"
@@ -220,26 +220,21 @@ class CliTpm:
 
 
 def detect(
-    tcti: str | None = None, device: str = DEFAULT_DEVICE, prefer: str = "tss2-esys"
+    tcti: str | None = None, device: str = DEFAULT_DEVICE, prefer: str = "tpm-wire"
 ) -> tuple[Tpm | None, str]:
     """The TPM to use, or None and the reason (for the console line)."""
     tcti = tcti or os.environ.get("SEEDBOOT_TPM_TCTI") or os.environ.get("TPM2TOOLS_TCTI")
     if not tcti:
-        if not os.path.exists(device):
+        # /dev/tpm0 without the kernel's resource manager: one user at a time, which the
+        # agent is (it opens the device per command).
+        found = next((d for d in (device, str(Path(device).with_name("tpm0"))) if os.path.exists(d)), None)
+        if found is None:
             return None, f"no TPM ({device} absent)"
-        tcti = f"device:{device}"
-    have_tools = all(shutil.which(t) for t in TOOLS)
-    if prefer == "tss2-esys" or not have_tools:
-        try:
-            from seedboot.agent import tpm_esys
-
-            tpm_esys.libraries()
-            return EsysTpm(tcti), f"TPM via {tcti} (tss2-esys)"
-        except OSError as e:
-            log.info("TSS libraries not loadable: %s", e)
-    if have_tools:
+        tcti = f"device:{found}"
+    if prefer == "tpm2-tools" and all(shutil.which(t) for t in TOOLS):
         return CliTpm(tcti), f"TPM via {tcti} (tpm2-tools)"
-    return None, "TPM present but neither libtss2-esys nor tpm2-tools in the miniroot"
+    log.info("TPM via %s", tcti)
+    return WireTpm(tcti), f"TPM via {tcti}"
 
 
 def pcr_read(tpm: Tpm, pcr: int = PCR_SYSTEM_IDENTITY) -> bytes:

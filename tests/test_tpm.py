@@ -1,20 +1,26 @@
-"""TPM measurement and the rollback NV counter against a real TPM stack: swtpm + tpm2-tools.
+"""TPM measurement and the rollback NV counter against a real TPM: swtpm, checked with tpm2-tools.
 
-swtpm is the software TPM that QEMU guests use here too; it speaks the TPM 2.0 protocol and
-tpm2-tools reach it through the swtpm TCTI, exactly as they reach /dev/tpmrm0 in the guest.
+swtpm is the software TPM that QEMU guests use here too. On the host the agent's own client
+(agent/tpm_wire.py) sends its commands over swtpm's TCP data channel, the same bytes it
+writes to /dev/tpmrm0 in the guest (the host kernel has no tpm_vtpm_proxy to make swtpm a
+character device here); tpm2-tools, through their swtpm TCTI, are the independent check.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from seedboot.agent import tpm
+from seedboot.agent import tpm, tpm_wire
 from seedboot.agent.rollback import RollbackRefused
 from tests.helpers import free_port, have, wait_port
 from tests.qemu import swtpm_device
@@ -24,34 +30,47 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """swtpm on a free TCP port pair; another try on other ports if it cannot bind (the
+    port after the free one is found may be taken by a parallel test)."""
+    for _ in range(5):
+        port = free_port()
+        ctrl = port + 1  # the swtpm TCTI finds the control channel at port + 1
+        proc = subprocess.Popen(
+            [
+                "swtpm", "socket", "--tpm2",
+                "--server", f"type=tcp,port={port}",
+                "--ctrl", f"type=tcp,port={ctrl}",
+                "--tpmstate", f"dir={state}",
+                "--flags", "not-need-init,startup-clear",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            wait_port(port)
+            return proc, port
+        except TimeoutError:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            print(f"swtpm on {port}/{ctrl}: {err.decode(errors='replace').strip()}")
+    raise RuntimeError("swtpm did not start on five port pairs")
+
+
 @pytest.fixture(scope="module")
 def swtpm_tcti(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    state = tmp_path_factory.mktemp("swtpm")
-    port = free_port()
-    ctrl = port + 1  # the swtpm TCTI finds the control channel at port + 1
-    proc = subprocess.Popen(
-        [
-            "swtpm", "socket", "--tpm2",
-            "--server", f"type=tcp,port={port}",
-            "--ctrl", f"type=tcp,port={ctrl}",
-            "--tpmstate", f"dir={state}",
-            "--flags", "not-need-init,startup-clear",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc, port = start_swtpm(tmp_path_factory.mktemp("swtpm"))
     try:
-        wait_port(port)
         yield f"swtpm:port={port}"
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-@pytest.fixture(params=["tss2-esys", "tpm2-tools"])
+@pytest.fixture(params=["tpm-wire", "tpm2-tools"])
 def swtpm(request: pytest.FixtureRequest, swtpm_tcti: str) -> tpm.Tpm:
-    """The agent's TPM access through each backend: Debian's libtss2-esys (what the miniroot
-    uses) and tpm2-tools; both talk to the same swtpm."""
+    """The agent's TPM access through each backend: its own client (what the miniroot uses)
+    and tpm2-tools; both talk to the same swtpm."""
     t, why = tpm.detect(tcti=swtpm_tcti, prefer=request.param)
     assert t is not None and t.kind == request.param, why
     return t
@@ -70,7 +89,7 @@ def img_d(t: tpm.Tpm) -> str:
 
 
 def cli(t: tpm.Tpm) -> tpm.CliTpm:
-    """tpm2-tools on the same TPM: an implementation independent of the agent's ESAPI calls."""
+    """tpm2-tools on the same TPM: an implementation independent of the agent's own client."""
     return tpm.CliTpm(t.tcti)
 
 
@@ -105,9 +124,74 @@ def test_no_tpm_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_dead_tpm_reports_failure(tmp_path: Path) -> None:
-    dead = tpm.EsysTpm(f"swtpm:port={free_port()}")
+    dead = tpm.WireTpm(f"swtpm:port={free_port()}")
     m = tpm.measure_release("demo", 1, "ab" * 32, dead, log_path=tmp_path / "log")
-    assert m.status == "failed" and "continuing" in m.message
+    assert m.status == "failed" and "cannot reach the TPM" in m.message and "continuing" in m.message
+
+
+def test_detect_falls_back_to_tpm0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without the resource manager has only /dev/tpm0 (only existence is checked here)."""
+    monkeypatch.delenv("TPM2TOOLS_TCTI", raising=False)
+    monkeypatch.delenv("SEEDBOOT_TPM_TCTI", raising=False)
+    (tmp_path / "tpm0").touch()
+    t, why = tpm.detect(device=str(tmp_path / "tpmrm0"))
+    assert t is not None and t.tcti == f"device:{tmp_path / 'tpm0'}" and t.kind == "tpm-wire", why
+
+
+def test_wire_nv_public_name_and_errors(swtpm_tcti: str) -> None:
+    """The client's NV marshalling against tpm2-tools' view of the same index: attributes,
+    size and the TPM name (nameAlg || SHA-256 of the public area) agree; the TPM's refusals
+    come back as its response codes, named."""
+    index = 0x01800F00
+    attrs = tpm_wire.NV_OWNERREAD | tpm_wire.NV_OWNERWRITE | tpm_wire.NV_AUTHREAD | tpm_wire.NV_AUTHWRITE
+    attrs |= tpm_wire.NV_WRITEDEFINE
+    data = b"seedboot".ljust(20, b"\0")
+    # swtpm serves one connection at a time: each block closes its own before tpm2-tools runs.
+    with closing(tpm_wire.Wire(swtpm_tcti)) as w:
+        w.nv_define(index, 20, attrs)
+        with pytest.raises(tpm_wire.WireError, match=r"0x14c \(TPM_RC_NV_DEFINED\)") as e:
+            w.nv_define(index, 20, attrs)
+        assert e.value.tpm_rc == tpm.RC_NV_DEFINED
+        with pytest.raises(tpm_wire.WireError, match="TPM_RC_NV_UNINITIALIZED"):
+            w.nv_read(index)
+        w.nv_write(index, data)
+        pub = w.nv_read_public(index)  # the name covers the attributes, so after WRITTEN is set
+    text = tpm.CliTpm(swtpm_tcti).run("tpm2_nvreadpublic", hex(index)).decode()
+    name = re.search(r"name: ([0-9a-fA-F]+)", text)
+    assert name is not None and name.group(1).lower() == pub.name.hex()
+    assert "size: 20" in text and pub.data_size == 20 and pub.attributes == attrs | tpm_wire.NV_WRITTEN
+    assert tpm.CliTpm(swtpm_tcti).nv_read(index) == data
+    with closing(tpm_wire.Wire(swtpm_tcti)) as w:
+        assert w.nv_read(index) == data
+        w.nv_writelock(index)
+        with pytest.raises(tpm_wire.WireError, match="TPM_RC_NV_LOCKED"):
+            w.nv_write(index, bytes(20))
+        w.nv_undefine(index)
+        with pytest.raises(tpm_wire.WireError) as e:
+            w.nv_read(index)
+        assert e.value.tpm_rc == tpm.RC_HANDLE and "TPM_RC_HANDLE" in str(e.value)
+    with pytest.raises(tpm.TpmError):
+        tpm.CliTpm(swtpm_tcti).run("tpm2_nvreadpublic", hex(index))
+
+
+def test_wire_rejects_a_truncated_response(tmp_path: Path) -> None:
+    """A TPM that answers half a response (no real one does that on demand, so a socket
+    stands in for it): a clear error, and no TPM code that could pass for a known answer."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(bytes.fromhex("8001 00000040 00000000") + b"short")
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    with srv, pytest.raises(tpm.TpmError, match="response says 64 bytes, 15 came") as e:
+        tpm.WireTpm(f"swtpm:port={port}").pcr_read(15)
+    th.join(5)
+    assert e.value.code is None
 
 
 def test_nv_counter_refuses_older(swtpm: tpm.Tpm) -> None:
@@ -181,8 +265,8 @@ def test_trust_boot_counter_then_measure(
 @pytest.mark.qemu
 @pytest.mark.skipif(not (have("qemu-system-x86_64") and have("cpio")), reason="qemu/cpio missing")
 def test_guest_measures_and_refuses_replay(tmp_path: Path) -> None:
-    """The frozen agent in a guest, through the kernel's TPM driver and Debian's TSS libraries
-    (device TCTI): PCR 15 as sysfs shows it equals the extend computed here; the NV counter
+    """The frozen agent in a guest, through the kernel's TPM driver (/dev/tpmrm0) and the
+    agent's own TPM client: PCR 15 as sysfs shows it equals the extend computed here; the NV counter
     survives a reboot and refuses an older version (in a whole boot the state file on the
     cache refuses it first, so the counter's own refusal is checked here)."""
     from tests import guest

@@ -54,8 +54,6 @@ PACKAGES: tuple[str, ...] = (
     "netifaces",
     "zstandard",
 )
-# Debian's tpm2-tss, for agent/tpm_esys.py (libtss2-sys, -mu and libcrypto come as dependencies).
-TPM_LIBRARIES = ("libtss2-esys.so.0", "libtss2-tctildr.so.0", "libtss2-tcti-device.so.0")
 # Files never needed at run time (type stubs, tests, the cffi backend of zstandard).
 SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test", "_tools"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
@@ -627,9 +625,8 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
         raise SeedError(f"{libpython} not found", hint="install python3-dev (libpython3.11)")
     shutil.copy2(libpython, lib / libpython.name)
     elves = elf_files(out)
-    # libudev is opened by pyudev through ctypes, so no ELF names it; likewise the TPM stack
-    # (agent/tpm_esys.py), whose TCTI loader dlopens the device TCTI by name.
-    libs = shared_libraries(elves, extra=["libudev.so.1", *TPM_LIBRARIES])
+    # libudev is opened by pyudev through ctypes, so no ELF names it.
+    libs = shared_libraries(elves, extra=["libudev.so.1"])
     for soname, path in sorted(libs.items()):
         shutil.copy2(path, lib / soname)
     stubs = (*stublib.STUBS, *MORE_STUBS)
@@ -641,7 +638,7 @@ def freeze(out: Path, agent_src: Path = AGENT_SRC) -> Runtime:
             ]
             stublib.build(st, libs[st.soname], consumers, lib / st.soname)
     # Loaded with dlopen/ctypes, so no ELF names them: kept whatever the pruning finds.
-    prune_libraries(out, keep=["libudev.so.1", *TPM_LIBRARIES, "ld-linux-x86-64.so.2"])
+    prune_libraries(out, keep=["libudev.so.1", "ld-linux-x86-64.so.2"])
     rt.libraries = sorted(p.name for p in lib.iterdir())
     strip(f for f in elf_files(out) if f.name != "seedboot-agent" and not f.name.startswith("ld-linux"))
     for f in elf_files(out):
