@@ -117,3 +117,17 @@ def save(path: str) -> int:
     with open(path, "wb") as f:
         f.write(marshal.dumps(_cache))
     return len(_cache)
+
+
+def agent_modules(root: str) -> list[str]:
+    """Every module of the agent package under ROOT (sources here, sourceless .pyc when frozen)."""
+    names = set()
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        rel = os.path.relpath(top, root)
+        pkg = "seedboot.agent" + ("" if rel == "." else "." + rel.replace(os.sep, "."))
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            if ext in (".py", ".pyc") and stem != "__main__":
+                names.add(pkg if stem == "__init__" else f"{pkg}.{stem}")
+    return sorted(names)

@@ -56,20 +56,6 @@ def _ed25519_known_answer() -> bool:
     return ed25519.verify(pk, sig, b"") and not ed25519.verify(pk, sig, b"x")
 
 
-def _agent_modules(root: str) -> list[str]:
-    """Every module of the agent package under ROOT (sources here, sourceless .pyc when frozen)."""
-    names = set()
-    for top, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        rel = os.path.relpath(top, root)
-        pkg = "seedboot.agent" + ("" if rel == "." else "." + rel.replace(os.sep, "."))
-        for f in files:
-            stem, ext = os.path.splitext(f)
-            if ext in (".py", ".pyc") and stem != "__main__":
-                names.add(pkg if stem == "__init__" else f"{pkg}.{stem}")
-    return sorted(names)
-
-
 def selftest() -> int:
     """Import everything the agent and the block daemon load at run time; print versions."""
     import importlib
@@ -95,7 +81,9 @@ def selftest() -> int:
     else:
         failed.append("ed25519")
         print("ed25519: FAILED: RFC 8032 test vector did not verify through libcrypto")
-    for name in _agent_modules(seedboot.agent.__path__[0]):
+    from seedboot.agent.codecache import agent_modules
+
+    for name in agent_modules(seedboot.agent.__path__[0]):
         try:
             importlib.import_module(name)
         except Exception as e:

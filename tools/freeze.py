@@ -475,9 +475,8 @@ sys.path[:] = [sys.argv[1]]
 from seedboot.agent import codecache
 codecache.record()
 import seedboot.agent
-from seedboot.agent.main import _agent_modules
 # The listed modules first (their order is the boot's), then every agent module a stage imports lazily.
-names = [*sys.argv[3:], *_agent_modules(seedboot.agent.__path__[0])]
+names = [*sys.argv[3:], *codecache.agent_modules(seedboot.agent.__path__[0])]
 for name in names:
     try:
         __import__(name)
