@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
-from seedboot.agent import blocks
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import BlockInvalid
-from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
+from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job, decompress, verify
 from seedboot.agent.index import Index
 from seedboot.agent.mirrors import MirrorSet
 
@@ -65,6 +62,54 @@ class Counters:
     fetched_bytes: int = 0
     errors: int = 0
     cache_dropped: int = 0
+
+
+class Workers:
+    """Up to ``n`` threads running queued calls in order, started as work comes. Per call it
+    costs a queue put and get: a ThreadPoolExecutor adds a Future (a condition variable
+    and its lock) and a semaphore check per call, paid on every block read."""
+
+    def __init__(self, n: int, name: str) -> None:
+        self.n = n
+        self.name = name
+        self.queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.threads: list[threading.Thread] = []
+        self.idle = 0
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.queue.put((fn, args))
+        # no lock: a thread too many or too few for a moment is harmless
+        if self.idle == 0 and len(self.threads) < self.n:
+            t = threading.Thread(target=self._run, name=f"{self.name}_{len(self.threads)}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            self.idle += 1
+            item = self.queue.get()
+            self.idle -= 1
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: %s failed", self.name, getattr(fn, "__name__", fn))
+
+    def close(self, cancel: bool = False) -> None:
+        if cancel:
+            try:
+                while True:
+                    self.queue.get_nowait()
+            except queue.Empty:
+                pass
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
 
 
 @dataclass
@@ -126,18 +171,18 @@ class BlockDevice:
         # reads someone waits for never queue behind read-ahead: separate pools. Four threads
         # each: a cached block is a file open and read (disk latency, no GIL held) before its
         # verify and decompress, and two threads left the CPU idle waiting on the disk
-        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-read")
-        self.ahead_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="cache-ahead")
-        self.write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="cache-write")
+        self.io_pool = Workers(io_threads, "cache-read")
+        self.ahead_pool = Workers(io_threads, "cache-ahead")
+        self.write_pool = Workers(write_threads, "cache-write")
         self.write_slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
         self.zero = bytes(index.block_size)
         self.started = time.monotonic()
         cache.pinned = self._pinned
 
     def close(self) -> None:
-        self.io_pool.shutdown(wait=True, cancel_futures=True)
-        self.ahead_pool.shutdown(wait=True, cancel_futures=True)
-        self.write_pool.shutdown(wait=True)
+        self.io_pool.close(cancel=True)
+        self.ahead_pool.close(cancel=True)
+        self.write_pool.close()
 
     def _pinned(self, digest: str) -> bool:
         with self.lock:
@@ -178,12 +223,22 @@ class BlockDevice:
         self.request(b, READAHEAD, _ignore, keep=False)
 
     def request(self, b: int, prio: int, done: Deliver, keep: bool = True) -> None:
-        plain = self.memory(b)
+        plain = self.lookup(b, prio, done, keep)
         if plain is not None:
             done(plain, "")
-            return
+
+    def lookup(self, b: int, prio: int, done: Deliver, keep: bool = True) -> bytes | None:
+        """The plain bytes of b if they are at hand (a hole, or in memory); otherwise None,
+        and ``done`` gets them later. One lock round for the read's whole decision."""
+        if self.index.is_hole(b):
+            return self.zero[: self.index.plain_len(b)]
         d = self.index.digest_hex(b)
         with self.lock:
+            plain = self.plain.get(d)
+            if plain is not None:
+                self.plain.move_to_end(d)
+                self.counters.from_memory += 1
+                return plain
             p = self.pending.get(d)
             if p is not None:
                 p.callbacks.append(done)
@@ -194,14 +249,14 @@ class BlockDevice:
                     p.prio = prio
                     if p.job is not None and self.fetcher is not None:
                         self.fetcher.raise_priority(p.job, prio)
-                return
+                return None
             self.pending[d] = _Pending(b, [done], prio, keep)
-        with self.lock:
             writing = d in self.writing
         if writing or self.cache.has(d):
             (self.io_pool if prio == DEMAND else self.ahead_pool).submit(self._load, b, d)
         else:
             self._fetch(b, d)
+        return None
 
     def _load(self, b: int, d: str) -> None:
         with self.lock:
@@ -214,17 +269,15 @@ class BlockDevice:
         what = f"block {b}"
         try:
             if d in self.verified:
-                plain = zstandard.ZstdDecompressor().decompress(
-                    stored, max_output_size=self.index.plain_len(b)
-                )
+                plain = decompress(stored, d, self.index.plain_len(b), what)
             else:
-                plain = blocks.verify(stored, d, self.index.lengths[b], self.index.plain_len(b), what)
+                plain = verify(stored, d, self.index.lengths[b], self.index.plain_len(b), what)
                 self.verified.add(d)
                 self.cache.touch(d)
-        except (BlockInvalid, zstandard.ZstdError) as e:
+        except BlockInvalid as e:
             self.counters.cache_dropped += 1
             self.verified.discard(d)
-            self.cache.drop(d, f"cached copy of {what} is bad: {e}")
+            self.cache.drop(d, f"cached copy of {what} is bad: {e.message}")
             self._fetch(b, d)
             return
         with self.lock:
@@ -249,9 +302,7 @@ class BlockDevice:
             if plain is None and want:
                 # a reader joined after the fetch was asked for the cache only
                 try:
-                    plain = blocks.verify(
-                        stored, d, self.index.lengths[b], self.index.plain_len(b), f"block {b}"
-                    )
+                    plain = verify(stored, d, self.index.lengths[b], self.index.plain_len(b), f"block {b}")
                 except BlockInvalid as e:
                     # the digest matched, so the published block itself is bad: no mirror can help
                     self._deliver(d, None, f"block {b} ({d[:16]}): {e.message}")

@@ -31,8 +31,10 @@ STATUS_FH_BASE = 1000
 class _Wait:
     """One block a read waits for: set by whichever thread delivers it."""
 
-    def __init__(self, plain: bytes | None = None) -> None:
-        self.plain = plain
+    __slots__ = ("error", "event", "plain")
+
+    def __init__(self) -> None:
+        self.plain: bytes | None = None
         self.error = ""
         self.event = trio.Event()
 
@@ -143,35 +145,41 @@ class SeedFS(pyfuse3.Operations):
         if self.recorder is not None:
             self.recorder.note(first, last)
         # ask for what this read needs first, then for read-ahead, then wait
+        if first == last:
+            w = self._request(first)
+            if self.readahead is not None:
+                self.readahead.note(first, last)
+            plain = w.plain if w.plain is not None else await self._wait(first, w)
+            base = first * self.bs
+            # pyfuse3 takes any buffer: a view saves copying (and faulting in) every reply
+            return memoryview(plain)[off - base : end - base]
         waits = [self._request(b) for b in range(first, last + 1)]
         if self.readahead is not None:
             self.readahead.note(first, last)
-        base = first * self.bs
-        if first == last:
-            plain = await self._wait(first, waits[0])
-            # pyfuse3 takes any buffer: a view saves copying (and faulting in) every reply
-            return memoryview(plain)[off - base : end - base]
-        # all are requested already: waiting in order costs no parallelism
-        parts = [await self._wait(b, w) for b, w in zip(range(first, last + 1), waits, strict=True)]
-        return memoryview(b"".join(parts))[off - base : end - base]
+        # all are requested already: waiting in order costs no parallelism. One copy of just
+        # the bytes asked for (pyfuse3 replies from one buffer)
+        parts = []
+        for b, w in zip(range(first, last + 1), waits, strict=True):
+            plain = w.plain if w.plain is not None else await self._wait(b, w)
+            base = b * self.bs
+            parts.append(memoryview(plain)[max(off - base, 0) : min(end - base, len(plain))])
+        return b"".join(parts)
 
     def _request(self, b: int) -> _Wait:
-        plain = self.dev.memory(b)
-        if plain is not None:
-            return _Wait(plain)
         w = _Wait()
-        token = self.token
 
         def done(p: bytes | None, error: str) -> None:
             w.plain, w.error = p, error
             token.run_sync_soon(w.event.set)
 
-        self.dev.request(b, DEMAND, done)
+        token = self.token
+        plain = self.dev.lookup(b, DEMAND, done)
+        if plain is not None:  # else done() sets it, perhaps already (another thread)
+            w.plain = plain
         return w
 
     async def _wait(self, b: int, w: _Wait) -> bytes:
-        if w.plain is None:
-            await w.event.wait()
+        await w.event.wait()
         if w.plain is None:
             log.error("read of block %d failed: %s", b, w.error)
             raise pyfuse3.FUSEError(errno.EIO)
