@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,21 +93,50 @@ def test_cache_partition_found_by_label_uuid_or_path(tmp_path: Path) -> None:
     assert cache.read_ext(str(dev / "vda")) is None
 
 
-def test_coldplug_repeats_until_no_new_alias() -> None:
-    # virtio_pci appears first; loading it makes the virtio devices whose aliases pick the rest.
-    world = {"pci:v1AF4d1000": ["virtio:d1", "virtio:d2"], "virtio:d1": [], "virtio:d2": []}
-    present = {"pci:v1AF4d1000"}
-    loads: list[list[str]] = []
+def test_coldplug_loads_nics_first_and_storage_in_the_background() -> None:
+    # virtio_pci (picked by the NIC's PCI alias) makes the virtio devices whose aliases pick
+    # virtio_net and virtio_blk; the IDE controller's driver finds a disk (sd_mod).
+    nic_pci = "pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00"
+    blk_pci = "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00"
+    ide = "pci:v00008086d00007010sv00001AF4sd00001100bc01sc01i80"
+    world = {
+        nic_pci: ["virtio:d00000001v00001AF4", "virtio:d00000002v00001AF4"],
+        blk_pci: [],
+        ide: ["scsi:t-0x00"],
+        "acpi:PNP0501:": [],
+        "virtio:d00000001v00001AF4": [],
+        "virtio:d00000002v00001AF4": [],
+        "scsi:t-0x00": [],
+        "fuse": [],
+    }
+    present = {nic_pci, blk_pci, ide, "acpi:PNP0501:"}
+    loads: list[tuple[str, list[str]]] = []
+    lock = threading.Lock()
 
     def load(names: list[str]) -> None:
-        loads.append(names)
-        for n in names:
-            present.update(world[n])
+        with lock:
+            loads.append((threading.current_thread().name, names))
+            for n in names:
+                present.update(world[n])
 
-    world["fuse"] = []
-    seen, rounds = hardware.coldplug(lambda: set(present), load, extra=["fuse"])
-    assert (seen, rounds) == (3, 2)
-    assert loads == [["pci:v1AF4d1000", "fuse"], ["virtio:d1", "virtio:d2"]]
+    cp = hardware.Coldplug(lambda: set(present), load)
+    not_storage = lambda a: not hardware.is_storage(a)  # noqa: E731
+    cp.round(not_storage)
+    assert loads == [("MainThread", ["acpi:PNP0501:", nic_pci])], "buses and NICs first, no storage"
+    cp.start_background(["fuse"])
+    cp.until_quiet(not_storage)
+    cp.settle()
+    loaded = [n for _thread, names in loads for n in names]
+    assert sorted(loaded) == sorted(world), "every driver once, none twice"
+    foreground = {n for thread, names in loads if thread == "MainThread" for n in names}
+    assert "virtio:d00000001v00001AF4" in foreground
+    background = {n for thread, names in loads if thread == "coldplug-storage" for n in names}
+    assert {blk_pci, ide, "fuse"} <= background
+    assert cp.settle() == 0.0, "settling twice costs nothing"
+
+
+def test_bus_scan_matches_the_sysfs_walk() -> None:
+    assert hardware.modaliases_bus() == hardware.modaliases_sysfs()
 
 
 def test_modaliases_sysfs_walk_matches_libudev() -> None:

@@ -57,6 +57,10 @@ for f in $(cat /etc/seedboot-demo/extra 2>/dev/null); do
 done
 up=$(cut -d' ' -f1 /proc/uptime)
 echo "SEEDBOOT-DEMO-OK sha256=ok overlay=ok root=${root% *} fstype=${root#* } uptime=$up"
+# With seed.debug, show the block daemon's log (it lives in /run, gone after power-off).
+if grep -qw seed.debug /proc/cmdline && [ -r /run/seedboot/blockdev.log ]; then
+    sed 's/^/blockdev.log: /' /run/seedboot/blockdev.log
+fi
 sync
 poweroff -f
 """

@@ -20,6 +20,7 @@ from seedboot.agent.console import Console
 if TYPE_CHECKING:
     from seedboot.agent.release import Release
     from seedboot.agent.stages.blockdev import Prewarmed
+    from seedboot.agent.stages.hardware import Coldplug
 
 __all__ = ["STAGE_NAMES", "Context", "NetInfo", "Paths"]
 
@@ -86,6 +87,7 @@ class Context:
     trace: Path | None = None
     daemon_pid: int | None = None
     prewarmed: Prewarmed | None = None  # the block daemon's process, started early
+    coldplug: Coldplug | None = None  # storage drivers may still be loading in the background
     loopdev: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -142,6 +142,9 @@ def show_log_tail(ctx: Context, lines: int = 15) -> None:
 
 
 def run(ctx: Context) -> str:
+    from seedboot.agent.stages.hardware import settle
+
+    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
     from seedboot.agent.mount_options import MountOptions
 
     rel = ctx.release

@@ -100,6 +100,9 @@ def ram(ctx: Context, why: str) -> str:
 
 
 def run(ctx: Context) -> str:
+    from seedboot.agent.stages.hardware import settle
+
+    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
     spec = ctx.cmdline.cache
     deadline = time.monotonic() + CACHE_WAIT
     fs = find(spec)

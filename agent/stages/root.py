@@ -130,6 +130,9 @@ def has_init(newroot: Path, init: str) -> bool:
 
 
 def run(ctx: Context) -> str:
+    from seedboot.agent.stages.hardware import settle
+
+    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
     image = ctx.paths.mountpoint / "disk.img"
     try:
         dev, loopfd = attach_loop(image)
