@@ -68,8 +68,9 @@ int main(int argc, char **argv) {
     config.parse_argv = 0; /* sys.argv is argv exactly, argv[0] included */
     config.module_search_paths_set = 1;
     /* "seedinit.importtime" on the kernel command line: python -X importtime, to find what makes
-     * the agent (PID 1) slow to start under emulation; the environment is ignored, so this is the switch. */
-    FILE *cmdline = getpid() == 1 ? fopen("/proc/cmdline", "r") : NULL;
+     * the agent (PID 1) or the block daemon ("@...") slow to start under emulation; the environment
+     * is ignored, so this is the switch. */
+    FILE *cmdline = getpid() == 1 || argv[0][0] == '@' ? fopen("/proc/cmdline", "r") : NULL;
     if (cmdline != NULL) {
         char line[4096];
         size_t got = fread(line, 1, sizeof line - 1, cmdline);
