@@ -1,6 +1,6 @@
 """The HTTP block device against a direct loop mount of the same image, in one run.
 
-    .venv/bin/python -m benchmarks.blockdev [--size-mb 256] [--runs 1] [--conns 32]
+    .venv/bin/python -m benchmarks.blockdev [--size-mb 256] [--runs 3] [--conns 64]
 
 A >= 256 MiB file of real binaries (from /usr, so it compresses like an OS does) sits in an
 ext4 image, published to a mirror that nginx serves. Each case reads that file sequentially
@@ -14,9 +14,10 @@ dropped first:
 
 Targets: warm / direct >= 0.7; cold@100ms / cold@0ms >= 0.5. Also the daemon's peak
 resident memory (target <= 64 MB) and warm random 4 KiB read latency. The machine is
-shared: run it twice and look at the spread before believing a figure. The daemon's CPU
-seconds per case (MB per CPU-second) do not depend on the load as much as MB/s do: on a
-busy machine they tell what the daemon would do with a core to itself.
+shared: every figure is the median of ``--runs`` runs with their min and max. The daemon's
+CPU seconds per GB read do not depend on the load as much as MB/s do: on a busy machine
+they tell what the daemon would do with a core to itself (and what it takes from a guest's
+single vCPU when it serves the root file system).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
+from seedboot.agent.mount_options import MountOptions
 from seedboot.tools import keys, publish
 from seedboot.tools.latency_proxy import LatencyProxy
 from tests.helpers import Nginx
@@ -185,8 +187,8 @@ def wait_prefetch(mp: Path, timeout: float = 600) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=256)
-    ap.add_argument("--conns", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=1, help="repeat each case, report the best")
+    ap.add_argument("--conns", type=int, default=MountOptions.conns, help="the daemon's default unless given")
+    ap.add_argument("--runs", type=int, default=3, help="repeat each case; figures are median [min-max]")
     ap.add_argument("--rtts", default="0,100", help="cold cases at these RTTs (ms)")
     ap.add_argument("--prefetch", default="off,all", help="cold cases with these --prefetch modes")
     ap.add_argument(
@@ -200,28 +202,29 @@ def main() -> int:
         print("needs root (loop devices, FUSE, drop_caches)", file=sys.stderr)
         return 2
     image, mirror, pub = build(args.size_mb)
-    results: dict[str, float] = {}
-    rss: list[tuple[str, int, int]] = []
-    lat: dict[str, tuple[float, float]] = {}
-    cpu: dict[str, float] = {}  # the daemon's CPU seconds for the read: load-independent
+    speed: dict[str, list[float]] = {}  # MB/s of each run
+    cpu: dict[str, list[float]] = {}  # the daemon's CPU seconds for the read: less load-dependent
+    rss: dict[str, list[tuple[int, int]]] = {}
+    lat: dict[str, list[tuple[float, float]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-blockdev-"))
     nginx = Nginx(root=mirror, workdir=tmp / "nginx").start()
     host, port = nginx.url.removeprefix("http://").split(":")
     conns = ["--conns", str(args.conns)]
     dio = args.loop_direct_io == "on"
 
-    def best(name: str, value: float, cpu_s: float | None = None) -> None:
-        if value > results.get(name, 0.0):
-            results[name] = value
-            if cpu_s is not None:
-                cpu[name] = cpu_s
+    def note(name: str, value: float, cpu_s: float | None = None, pid: int | None = None) -> None:
+        speed.setdefault(name, []).append(value)
+        if cpu_s is not None:
+            cpu.setdefault(name, []).append(cpu_s)
+        if pid is not None:
+            rss.setdefault(name, []).append(peak_rss(pid))
         print(f"  {name:28s} {value:8.1f} MB/s", file=sys.stderr, flush=True)
 
     try:
         for _ in range(args.runs):
             with ext4_on(image, tmp / "direct") as fs:
-                best("direct loop", read_seq(fs / "big.bin"))
-                lat["direct loop"] = random_latency(fs / "big.bin")
+                note("direct loop", read_seq(fs / "big.bin"))
+                lat.setdefault("direct loop", []).append(random_latency(fs / "big.bin"))
             for rtt in [int(x) / 1000 for x in args.rtts.split(",")]:
                 for prefetch in args.prefetch.split(","):
                     name = f"cold {rtt * 1000:.0f} ms, prefetch {prefetch}"
@@ -236,49 +239,76 @@ def main() -> int:
                     ):
                         c0 = cpu_seconds(pid)
                         mbs = read_seq(fs / "big.bin")
-                        best(name, mbs, cpu_seconds(pid) - c0)
+                        c1 = cpu_seconds(pid)
                         if prefetch == "all":
                             wait_prefetch(tmp / "mnt")
-                        rss.append((name, *peak_rss(pid)))
+                        note(name, mbs, c1 - c0, pid)
             # the last cold run left the whole image in the cache
+            name = "warm (cache, offline)"
             with (
                 seedboot_mount(None, tmp / "cache", pub, tmp / "mnt", "--prefetch", "off") as pid,
                 ext4_on(tmp / "mnt" / "disk.img", tmp / "fs", dio) as fs,
             ):
                 c0 = cpu_seconds(pid)
                 mbs = read_seq(fs / "big.bin")
-                best("warm (cache, offline)", mbs, cpu_seconds(pid) - c0)
-                lat["warm (cache, offline)"] = random_latency(fs / "big.bin")
-                rss.append(("warm", *peak_rss(pid)))
+                note(name, mbs, cpu_seconds(pid) - c0)
+                lat.setdefault(name, []).append(random_latency(fs / "big.bin"))
+                rss.setdefault(name, []).append(peak_rss(pid))
     finally:
         nginx.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    report(args, speed, cpu, rss, lat)
+    return 0
 
-    direct = results["direct loop"]
+
+def spread(values: list[float], fmt: str = "6.1f") -> str:
+    """Median [min-max]: the machine is shared, one figure alone says little."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:{fmt}}"
+    return f"{med:{fmt}} [{min(values):{fmt.lstrip('0123456789')}}-{max(values):{fmt.lstrip('0123456789')}}]"
+
+
+def report(
+    args: argparse.Namespace,
+    speed: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    rss: dict[str, list[tuple[int, int]]],
+    lat: dict[str, list[tuple[float, float]]],
+) -> None:
+    gb = args.size_mb * 1.048576 / 1000
     print(
         f"\nsequential read of a {args.size_mb} MiB file in ext4 (page cache dropped), --conns {args.conns},"
-        f" loop over disk.img with direct I/O {args.loop_direct_io}"
+        f" loop over disk.img with direct I/O {args.loop_direct_io}; {args.runs} run(s): median [min-max]"
     )
-    size = args.size_mb * 1.048576
-    for name, v in results.items():
-        per_cpu = (
-            f"   daemon CPU {cpu[name]:5.2f} s = {size / cpu[name]:5.0f} MB/CPU-s" if cpu.get(name) else ""
-        )
-        print(f"  {name:28s} {v:8.1f} MB/s   {v / direct:5.2f}x direct{per_cpu}")
-    print("ratios")
-    warm = results["warm (cache, offline)"] / direct
-    print(f"  warm / direct                       {warm:5.2f}  (target >= 0.7)")
+    direct = statistics.median(speed["direct loop"])
+    for name, v in speed.items():
+        scaled = [c / gb for c in cpu.get(name, [])]
+        per_gb = f"   daemon CPU {spread(scaled, '5.2f')} s/GB" if scaled else ""
+        print(f"  {name:28s} {spread(v)} MB/s  {statistics.median(v) / direct:5.2f}x direct{per_gb}")
+    print("ratios (of medians; of the best runs)")
+    best = {k: max(v) for k, v in speed.items()}
+    med = {k: statistics.median(v) for k, v in speed.items()}
+    warm = "warm (cache, offline)"
+    print(
+        f"  warm / direct                         {med[warm] / med['direct loop']:5.2f}; "
+        f"{best[warm] / best['direct loop']:5.2f}  (target >= 0.7)"
+    )
     for pf in args.prefetch.split(","):
-        slow, fast = results.get(f"cold 100 ms, prefetch {pf}"), results.get(f"cold 0 ms, prefetch {pf}")
-        if slow and fast:
-            print(f"  cold 100 ms / cold 0 ms, prefetch {pf:3s} {slow / fast:5.2f}  (target >= 0.5)")
-    print("random 4 KiB reads (page cache dropped): median / p95")
-    for name, (med, p95) in lat.items():
-        print(f"  {name:28s} {med:6.2f} / {p95:6.2f} ms")
-    print("daemon memory: resident at the end / peak")
-    for name, cur, peak in rss:
-        print(f"  {name:28s} {cur / 1e6:6.1f} / {peak / 1e6:6.1f} MB")
-    return 0
+        slow, fast = f"cold 100 ms, prefetch {pf}", f"cold 0 ms, prefetch {pf}"
+        if slow in med and fast in med:
+            print(
+                f"  cold 100 ms / cold 0 ms, prefetch {pf:3s} {med[slow] / med[fast]:5.2f}; "
+                f"{best[slow] / best[fast]:5.2f}  (target >= 0.5)"
+            )
+    print("random 4 KiB reads (page cache dropped): median / p95, ms")
+    for name, runs in lat.items():
+        print(f"  {name:28s} {spread([m for m, _ in runs], '6.2f')} / {spread([p for _, p in runs], '6.2f')}")
+    print("daemon memory: resident at the end / peak, MB")
+    for name, mem in rss.items():
+        cur = [c / 1e6 for c, _ in mem]
+        peak = [p / 1e6 for _, p in mem]
+        print(f"  {name:28s} {spread(cur)} / {spread(peak)}")
 
 
 if __name__ == "__main__":

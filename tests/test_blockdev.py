@@ -335,9 +335,26 @@ def test_prefetch_all_then_offline(published: Published, nginx: Callable[..., Ng
     assert set(cache_blocks(cache)) == image_digests(published)
     srv.stop()
     m2 = rig.mount([], cache, "--offline", pub=published.pub)
+    assert_reads_match_image(m2, published)
     _, _, merged = rig.ext4_overlay(m2)
     assert tree_digests(merged) == published.digests
     assert m2.status()["offline"] is True
+
+
+def assert_reads_match_image(m: Mount, published: Published) -> None:
+    """Reads at any offset and size, across block edges and past the end, return exactly the
+    image's bytes (a reply is stitched from slices of several blocks)."""
+    bs = load_index(published.mirror).block_size
+    image = published.image.read_bytes()
+    size = len(image)
+    cases = [(0, 1), (bs - 100, 200), (bs - 100, 2 * bs + 200), (3 * bs + 7, 5 * bs), (size - 1000, 5000)]
+    fd = os.open(m.disk, os.O_RDONLY)
+    try:
+        for off, n in cases:
+            assert os.pread(fd, n, off) == image[off : off + n], (off, n)
+        assert os.pread(fd, 4096, size) == b""
+    finally:
+        os.close(fd)
 
 
 def _file_blocks(image: Path, path: str, block_size: int) -> set[int]:
