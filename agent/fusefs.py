@@ -59,6 +59,7 @@ class SeedFS(pyfuse3.Operations):
         self.status_files: dict[int, bytes] = {}
         self.next_fh = STATUS_FH_BASE
         self.token: Any = None
+        self.reply = bytearray()
 
     def _attr(self, inode: int) -> Any:
         a = pyfuse3.EntryAttributes()
@@ -156,14 +157,26 @@ class SeedFS(pyfuse3.Operations):
         waits = [self._request(b) for b in range(first, last + 1)]
         if self.readahead is not None:
             self.readahead.note(first, last)
-        # all are requested already: waiting in order costs no parallelism. One copy of just
-        # the bytes asked for (pyfuse3 replies from one buffer)
-        parts = []
-        for b, w in zip(range(first, last + 1), waits, strict=True):
-            plain = w.plain if w.plain is not None else await self._wait(b, w)
+        # all are requested already: waiting in order costs no parallelism
+        plains = [
+            w.plain if w.plain is not None else await self._wait(b, w)
+            for b, w in zip(range(first, last + 1), waits, strict=True)
+        ]
+        # pyfuse3 replies from one buffer: the slices asked for go into one reused buffer
+        # (a fresh 1 MiB per read costs page faults and heap churn). No await from here on,
+        # and pyfuse3 copies the reply to the kernel as soon as this returns, before any
+        # other read runs: nothing can overwrite the buffer in between.
+        n = end - off
+        if len(self.reply) < n:
+            self.reply = bytearray(n)
+        view = memoryview(self.reply)
+        pos = 0
+        for b, plain in zip(range(first, last + 1), plains, strict=True):
             base = b * self.bs
-            parts.append(memoryview(plain)[max(off - base, 0) : min(end - base, len(plain))])
-        return b"".join(parts)
+            lo, hi = max(off - base, 0), min(end - base, len(plain))
+            view[pos : pos + hi - lo] = memoryview(plain)[lo:hi]
+            pos += hi - lo
+        return view[:n]
 
     def _request(self, b: int) -> _Wait:
         w = _Wait()

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +358,26 @@ def assert_reads_match_image(m: Mount, published: Published) -> None:
         assert os.pread(fd, 4096, size) == b""
     finally:
         os.close(fd)
+    # many readers at once, O_DIRECT so that each read reaches the daemon as asked (no page
+    # cache), replies of several blocks in flight together
+    rng = random.Random(3)
+    ranges = [
+        (rng.randrange(0, size - 4 * bs) // 512 * 512, rng.randrange(1, 8) * bs // 2) for _ in range(64)
+    ]
+
+    def check(r: tuple[int, int]) -> bool:
+        off, n = r
+        buf = mmap.mmap(-1, n)  # page-aligned, as O_DIRECT wants
+        dfd = os.open(m.disk, os.O_RDONLY | os.O_DIRECT)
+        try:
+            got = os.preadv(dfd, [buf], off)
+            return buf[:got] == image[off : off + n]
+        finally:
+            os.close(dfd)
+            buf.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(check, ranges))
 
 
 def _file_blocks(image: Path, path: str, block_size: int) -> set[int]:
