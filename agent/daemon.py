@@ -155,7 +155,7 @@ def _bound_memory() -> threading.Event:
     stop = threading.Event()
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):
         return stop
