@@ -77,20 +77,25 @@ class Workers:
         )
         self.threads: list[threading.Thread] = []
         self.idle = 0
+        self.lock = threading.Lock()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         self.queue.put((fn, args))
-        # no lock: a thread too many or too few for a moment is harmless
-        if self.idle == 0 and len(self.threads) < self.n:
-            t = threading.Thread(target=self._run, name=f"{self.name}_{len(self.threads)}", daemon=True)
-            self.threads.append(t)
-            t.start()
+        if self.idle == 0 and len(self.threads) < self.n:  # checked again under the lock
+            with self.lock:
+                if self.idle == 0 and len(self.threads) < self.n:
+                    name = f"{self.name}_{len(self.threads)}"
+                    t = threading.Thread(target=self._run, name=name, daemon=True)
+                    self.threads.append(t)
+                    t.start()
 
     def _run(self) -> None:
         while True:
-            self.idle += 1
+            with self.lock:
+                self.idle += 1
             item = self.queue.get()
-            self.idle -= 1
+            with self.lock:
+                self.idle -= 1
             if item is None:
                 return
             fn, args = item
