@@ -45,8 +45,8 @@ Deliver = Callable[[bytes | None, str], None]
 
 # In-flight writes to the cache, beyond which verification (and so fetching) waits, once it
 # has delivered the block it holds: this bounds the memory a fast mirror and a slow disk can
-# pile up. Each write is fsynced (~5 ms here); several writer threads let the filesystem
-# commit their fsyncs together.
+# pile up. Each write waits for a syncfs (~5 ms here) that the writers waiting at that
+# moment share (cache.GroupSync): several writer threads make the groups.
 MAX_PENDING_WRITES = 12
 
 

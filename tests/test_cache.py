@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 from seedboot.agent import layout
@@ -54,3 +55,30 @@ def test_restart_drops_partial_writes_and_keeps_lru_order(tmp_path: Path) -> Non
     assert not partial.exists()
     assert again.use().blocks == 3
     assert list(again.lru)[-1] == d0
+
+
+def test_concurrent_writers_share_syncs_and_every_block_lands(tmp_path: Path) -> None:
+    """Group commit: writers waiting at the same moment share one syncfs, none returns before
+    a sync that began after its write, and every block is on disk complete afterwards."""
+    cache = BlockCache(tmp_path)
+    real_wait = cache.group.wait
+    early: list[str] = []
+
+    def wait() -> None:
+        seen = cache.group.started
+        real_wait()
+        if cache.group.finished <= seen:  # the sync waited for must have begun after arrival
+            early.append(threading.current_thread().name)
+
+    cache.group.wait = wait  # type: ignore[method-assign]
+    blocks = [block(i, 64 * 1024) for i in range(48)]
+    threads = [threading.Thread(target=cache.put, args=b) for b in blocks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.group.waits == 48 and not early
+    assert 1 <= cache.group.syncs < 48, "writers arriving together shared a sync"
+    for d, data in blocks:
+        assert cache.path(d).read_bytes() == data
+    assert not [p for p in (tmp_path / "blocks").glob("*/.*")], "no temporary file is left"
