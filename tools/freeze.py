@@ -128,6 +128,25 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
             "del _sys\n",
         ),
     ),
+    # random seeds every Random() (its module-level instance at import: tempfile, trio) from
+    # /dev/urandom, which at early boot on a CPU without RDRAND waits for the kernel's CRNG (see
+    # the launcher's hash seed): the non-cryptographic generator takes what the CRNG has now.
+    "random.py": (
+        (
+            "import _random\n",
+            "import _random\n"
+            "def _seedboot_seed():  # seedboot freezer: see PATCHES\n"
+            "    try:\n"
+            "        return int.from_bytes(_os.getrandom(32, 0x0004), 'big')  # GRND_INSECURE\n"
+            "    except (OSError, AttributeError):\n"
+            "        return None\n",
+        ),
+        (
+            "        super().seed(a)\n        self.gauss_next = None\n",
+            "        if a is None:\n            a = _seedboot_seed()\n"
+            "        super().seed(a)\n        self.gauss_next = None\n",
+        ),
+    ),
     "trio/_socket.py": (
         ("\nimport idna as _idna\n", "\n"),
         (

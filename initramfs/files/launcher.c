@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 static const char RUN[] =
@@ -67,6 +69,16 @@ int main(int argc, char **argv) {
     config.pathconfig_warnings = 0;
     config.parse_argv = 0; /* sys.argv is argv exactly, argv[0] included */
     config.module_search_paths_set = 1;
+    /* Python's hash seed comes from /dev/urandom, and at early boot, on a CPU without RDRAND
+     * (QEMU's default qemu64), the kernel makes a read of /dev/urandom wait until its CRNG is
+     * seeded: 1-1.5 s of jitter sampling under emulation before the agent's first line. The
+     * seed only randomizes dict hashing, so take what the CRNG has now (GRND_INSECURE, never
+     * blocks; kernel 5.6+) and fall back on the clock. 0 would turn randomization off. */
+    unsigned long seed = 0;
+    if (getrandom(&seed, sizeof seed, 0x0004 /* GRND_INSECURE */) != (ssize_t)sizeof seed)
+        seed = (unsigned long)time(NULL) ^ ((unsigned long)getpid() << 16);
+    config.use_hash_seed = 1;
+    config.hash_seed = seed % 4294967295UL + 1;
     /* "seedinit.importtime" on the kernel command line: python -X importtime, to find what makes
      * the agent (PID 1) or the block daemon ("@...") slow to start under emulation; the environment
      * is ignored, so this is the switch. */
