@@ -23,7 +23,9 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from seedboot.agent.atomic import write_atomic
@@ -86,6 +88,35 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
         )
     write_atomic(path, data)
     return path
+
+
+@dataclass
+class TreeFetch:
+    """``fetch_tree`` in a thread: the blockdev stage starts it while it waits for the block
+    daemon to come up, the root stage collects the tree (or the error) with ``wait``."""
+
+    thread: threading.Thread
+    tree: Path | None = None
+    error: BaseException | None = None
+
+    def wait(self) -> Path:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.tree is not None
+        return self.tree
+
+
+def fetch_tree_in_background(name: str, v: Verity, cache: Path, reader: Reader | None) -> TreeFetch:
+    def run() -> None:
+        try:
+            job.tree = fetch_tree(name, v, cache, reader)
+        except BaseException as e:  # handed to the root stage, which reports it
+            job.error = e
+
+    job = TreeFetch(threading.Thread(target=run, name="verity-tree", daemon=True))
+    job.thread.start()
+    return job
 
 
 def setup_commands(v: Verity, data_dev: str, hash_dev: str, name: str = DM_NAME) -> list[list[str]]:
@@ -159,12 +190,14 @@ def protect(
     cache: Path,
     reader: Reader | None,
     attach: Callable[[Path], tuple[str, int]],
+    fetched: TreeFetch | None = None,
 ) -> tuple[str, str]:
     """What the root stage calls between the loop device and the mount: returns the device
     to mount (the verity target, or ``data_dev`` when there is nothing to set up) and a note.
 
     ``attach`` makes a read-only, auto-clearing loop device of a file and returns it with an
-    open fd (the root stage's ``attach_loop``); the fd is closed once the target holds it."""
+    open fd (the root stage's ``attach_loop``); the fd is closed once the target holds it.
+    ``fetched`` is the tree fetched in the background, if it was started early."""
     if v is None:
         return data_dev, "no dm-verity tree published (agent block checks only)"
     why = available()
@@ -174,7 +207,7 @@ def protect(
     if why:
         log.warning("dm-verity not set up: %s", why)
         return data_dev, f"dm-verity not set up: {why} (agent block checks only)"
-    tree = fetch_tree(name, v, cache, reader)
+    tree = fetched.wait() if fetched is not None else fetch_tree(name, v, cache, reader)
     hash_dev, fd = attach(tree)
     try:
         dev = setup(v, data_dev, hash_dev)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from seedboot.agent.release import Release
     from seedboot.agent.stages.blockdev import Prewarmed
     from seedboot.agent.stages.hardware import Coldplug
+    from seedboot.agent.verity import TreeFetch
 
 __all__ = ["STAGE_NAMES", "Context", "NetInfo", "Paths"]
 
@@ -88,6 +89,7 @@ class Context:
     daemon_pid: int | None = None
     prewarmed: Prewarmed | None = None  # the block daemon's process, started early
     coldplug: Coldplug | None = None  # storage drivers may still be loading in the background
+    verity_fetch: TreeFetch | None = None  # the dm-verity tree, fetched while the daemon starts
     loopdev: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -175,6 +175,14 @@ def run(ctx: Context) -> str:
         log=ctx.paths.blockdev_log,
         argv0=ARGV0,
     )
+    if rel.meta.verity is not None:
+        # The root stage needs the dm-verity tree (8 MB for 1 GiB); fetch it while the daemon
+        # comes up: at 100 ms the transfer's round trips overlap the wait.
+        from seedboot.agent import verity
+        from seedboot.agent.reader import HttpReader
+
+        reader = HttpReader(ctx.mirror) if ctx.mirror and not offline else None
+        ctx.verity_fetch = verity.fetch_tree_in_background(name, rel.meta.verity, ctx.paths.cache, reader)
     start = time.monotonic()
     pre = ctx.prewarmed
     ctx.prewarmed = None

@@ -152,7 +152,7 @@ def run(ctx: Context) -> str:
             meta = ctx.release.meta
             reader = HttpReader(ctx.mirror) if ctx.mirror and not ctx.cmdline.offline else None
             dev, verity_note = verity.protect(
-                meta.name, meta.verity, dev, ctx.paths.cache, reader, attach_loop
+                meta.name, meta.verity, dev, ctx.paths.cache, reader, attach_loop, ctx.verity_fetch
             )
         fs = fstype(dev)
         lower = ctx.paths.lower
