@@ -31,9 +31,10 @@ from typing import Any
 
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
+from seedboot.agent.blocks import decompress, verify
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import BlockInvalid
-from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job, decompress, verify
+from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
 from seedboot.agent.index import Index
 from seedboot.agent.mirrors import MirrorSet
 

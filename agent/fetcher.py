@@ -16,7 +16,6 @@ the request fails with all the reasons, and the read above it gets EIO.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import itertools
 import logging
@@ -29,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import zstandard
-
 from seedboot.agent import layout
+from seedboot.agent.blocks import check_digest, verify
 from seedboot.agent.errors import BlockInvalid
 from seedboot.agent.mirrors import Mirror, MirrorSet
 
@@ -92,42 +90,6 @@ class _Transfer:
     mirror: Mirror
     buf: _Buffer
     t0: float
-
-
-def check_digest(stored: bytes, digest_hex: str, stored_len: int, what: str) -> None:
-    """The first half of ``blocks.verify``: length and SHA-256 of the stored bytes."""
-    if len(stored) != stored_len:
-        raise BlockInvalid(f"{what} {digest_hex[:16]}: {len(stored)} bytes, index says {stored_len}")
-    got = hashlib.sha256(stored).hexdigest()
-    if got != digest_hex:
-        raise BlockInvalid(f"{what} {digest_hex[:16]}: digest mismatch (got {got[:16]})")
-
-
-_local = threading.local()
-
-
-def decompress(stored: bytes, digest_hex: str, plain_len: int, what: str) -> bytes:
-    """The second half of ``blocks.verify``: decompress and check the plain length. Each thread
-    keeps one decompression context: a fresh one per block allocates (and faults in) ~100 KiB
-    of work space every time."""
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    try:
-        plain = dctx.decompress(stored, max_output_size=plain_len)
-    except zstandard.ZstdError as e:
-        raise BlockInvalid(f"{what} {digest_hex[:16]}: does not decompress: {e}") from e
-    if len(plain) != plain_len:
-        raise BlockInvalid(
-            f"{what} {digest_hex[:16]}: decompresses to {len(plain)} bytes, expected {plain_len}"
-        )
-    return plain
-
-
-def verify(stored: bytes, digest_hex: str, stored_len: int, plain_len: int, what: str) -> bytes:
-    """``blocks.verify`` with this thread's decompression context."""
-    check_digest(stored, digest_hex, stored_len, what)
-    return decompress(stored, digest_hex, plain_len, what)
 
 
 class Fetcher:
