@@ -67,10 +67,9 @@ def is_storage(alias: str) -> bool:
     return STORAGE.match(alias) is not None
 
 
-def modaliases_bus(root: str = "/sys") -> set[str]:
-    """The ``modalias`` of every device on a bus, and of the CPUs (their features pick drivers)."""
+def _read_aliases(paths: Iterable[str]) -> set[str]:
     found: set[str] = set()
-    for path in [*glob.glob(f"{root}/bus/*/devices/*/modalias"), f"{root}/devices/system/cpu/modalias"]:
+    for path in paths:
         try:
             with open(path, encoding="ascii", errors="replace") as f:
                 alias = f.read().strip()
@@ -81,19 +80,19 @@ def modaliases_bus(root: str = "/sys") -> set[str]:
     return found
 
 
+def modaliases_bus(root: str = "/sys") -> set[str]:
+    """The ``modalias`` of every device on a bus, and of the CPUs (their features pick drivers)."""
+    return _read_aliases(
+        [*glob.glob(f"{root}/bus/*/devices/*/modalias"), f"{root}/devices/system/cpu/modalias"]
+    )
+
+
 def modaliases_sysfs(root: str = "/sys/devices") -> set[str]:
-    """Every ``modalias`` under /sys/devices: what the kernel asks drivers for."""
-    found: set[str] = set()
-    for dirpath, _dirs, files in os.walk(root):
-        if "modalias" in files:
-            try:
-                with open(os.path.join(dirpath, "modalias"), encoding="ascii", errors="replace") as f:
-                    alias = f.read().strip()
-            except OSError:
-                continue
-            if alias and not alias.startswith(SKIP_ALIASES):
-                found.add(alias)
-    return found
+    """Every ``modalias`` under /sys/devices: what the kernel asks drivers for (the reference
+    the bus scan is tested against)."""
+    return _read_aliases(
+        os.path.join(dirpath, "modalias") for dirpath, _dirs, files in os.walk(root) if "modalias" in files
+    )
 
 
 def nics(sys_net: str = "/sys/class/net") -> list[str]:
@@ -166,13 +165,13 @@ class Coldplug:
 
 def settle(ctx: Context) -> None:
     """Every driver loaded and the disks listed: for the stages that need a disk or a file system."""
-    if ctx.coldplug is None:
-        return
+    if ctx.coldplug is None or ctx.coldplug.settled:
+        return  # the cache, blockdev and root stages each call this: only the first waits
     waited = ctx.coldplug.settle()
     ctx.disks = disks()
     if waited > 0.05:
         log.debug("storage drivers settled after %.2fs more; disks %s", waited, " ".join(ctx.disks))
-    ctx.timings["storage-wait"] = ctx.timings.get("storage-wait", 0.0) + waited
+    ctx.timings["storage-wait"] = waited
 
 
 def modprobe(ctx: Context, names: Iterable[str]) -> None:
