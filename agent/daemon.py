@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,11 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
 # -- the daemon ----------------------------------------------------------------------------
 
 
-def _bound_memory() -> threading.Event:
+def _bound_memory(fit: Callable[[int], None]) -> threading.Event:
     """Block buffers (~256 KiB) come and go all the time. Served from the heap they cost no
     page faults (an mmap per buffer faults in every page, every time); two arenas instead of
-    one per thread, and a trim twice a second, hand back what a burst left free. Anything of
+    one per thread, and a trim twice a second, hand back what a burst left free; ``fit`` then
+    hears the resident bytes (the block device keeps fewer blocks when over). Anything of
     1 MiB or more (libfuse's request buffer per pyfuse3 task, of which little is ever
     touched) is mmapped and so returned at once: on the heap those left ~7 MB resident while
     blocks were fetched."""
@@ -163,9 +165,14 @@ def _bound_memory() -> threading.Event:
     except (OSError, AttributeError):
         return stop
 
+    page = os.sysconf("SC_PAGE_SIZE")
+
     def trim() -> None:
-        while not stop.wait(0.5):
-            libc.malloc_trim(0)
+        with open("/proc/self/statm", "rb") as statm:
+            while not stop.wait(0.5):
+                libc.malloc_trim(0)
+                statm.seek(0)
+                fit(int(statm.read().split()[1]) * page)
 
     threading.Thread(target=trim, name="trim", daemon=True).start()
     return stop
@@ -235,13 +242,13 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     if not opts.mountpoint.is_dir():
         raise SeedError(f"mount point {opts.mountpoint} is not a directory", "mkdir it first")
     mountpoint = opts.mountpoint.resolve()
-    stop_trim = _bound_memory()
     cache = BlockCache(opts.cache, opts.cache_max)
     rel, mirrors = open_trusted(opts, cache)
     fetcher = Fetcher(mirrors, opts.conns).start() if mirrors is not None else None
     # read-ahead keeps as many blocks coming into the cache as transfers may be in flight
-    # (that is what hides latency); memory holds only the next few and those being read
-    dev = BlockDevice(rel.index, cache, fetcher, memory_blocks=12)
+    # (that is what hides latency); memory holds what is left of its budget (blockdev.MEMORY_BLOCKS)
+    dev = BlockDevice(rel.index, cache, fetcher)
+    stop_trim = _bound_memory(dev.fit_memory)
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     prefetcher: Prefetcher | None = None
