@@ -215,18 +215,6 @@ class BlockDevice:
                 return True
         return self.cache.has(d)
 
-    def memory(self, b: int) -> bytes | None:
-        """The plain bytes of b if no I/O is needed (hole or in memory)."""
-        if self.index.is_hole(b):
-            return self.zero[: self.index.plain_len(b)]
-        d = self.index.digest_hex(b)
-        with self.lock:
-            plain = self.plain.get(d)
-            if plain is not None:
-                self.plain.move_to_end(d)
-                self.counters.from_memory += 1
-            return plain
-
     def ahead(self, b: int) -> None:
         """Make block b local (fetch it into the cache) without holding it in memory."""
         if self.fetcher is None or self.is_local(b):
