@@ -97,10 +97,6 @@ NV_COUNTER = "counter"
 NV_BASE = "base"
 
 
-def _mask(rc: int) -> int:
-    return rc & 0xBF if rc & 0x80 else rc
-
-
 class Tpm(Protocol):
     @property
     def tcti(self) -> str: ...
@@ -179,6 +175,8 @@ class CliTpm:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise TpmError(f"{args[0]} ({self.tcti}): {e}", "is the TPM working?") from e
         if r.returncode != 0:
+            from seedboot.agent.tpm_wire import mask_rc
+
             err = r.stderr.decode(errors="replace")
             m = _RC_RE.search(err)
             lines = err.strip().splitlines()
@@ -187,7 +185,7 @@ class CliTpm:
             )
             raise TpmError(
                 f"{args[0]} ({self.tcti}) failed: {why.removeprefix('ERROR: ') or r.returncode}",
-                code=_mask(int(m.group(1), 16)) if m else None,
+                code=mask_rc(int(m.group(1), 16)) if m else None,
             )
         return r.stdout
 

@@ -82,6 +82,11 @@ RC_NAMES = {
 _PW_SESSION = struct.pack(">IHBH", TPM_RS_PW, 0, 1, 0)
 
 
+def mask_rc(rc: int) -> int:
+    """A format-1 response code without its handle/parameter/session number (part 2, 6.6)."""
+    return rc & 0xBF if rc & 0x80 else rc
+
+
 class WireError(Exception):
     """A command the TPM refused (``rc`` is its response code) or did not answer (``rc`` None)."""
 
@@ -98,7 +103,7 @@ class WireError(Exception):
         """The response code with handle/parameter/session numbers masked (format 1), else as sent."""
         if self.rc is None or self.rc >> 16:
             return None
-        return self.rc & 0xBF if self.rc & 0x80 else self.rc
+        return mask_rc(self.rc)
 
 
 class Transport(Protocol):
