@@ -184,20 +184,17 @@ def available() -> str:
 
 
 def protect(
-    name: str,
     v: Verity | None,
     data_dev: str,
-    cache: Path,
-    reader: Reader | None,
     attach: Callable[[Path], tuple[str, int]],
-    fetched: TreeFetch | None = None,
+    fetched: TreeFetch | None,
 ) -> tuple[str, str]:
     """What the root stage calls between the loop device and the mount: returns the device
     to mount (the verity target, or ``data_dev`` when there is nothing to set up) and a note.
 
     ``attach`` makes a read-only, auto-clearing loop device of a file and returns it with an
     open fd (the root stage's ``attach_loop``); the fd is closed once the target holds it.
-    ``fetched`` is the tree fetched in the background, if it was started early."""
+    ``fetched`` is the tree's fetch (``fetch_tree_in_background``), started when V is published."""
     if v is None:
         return data_dev, "no dm-verity tree published (agent block checks only)"
     why = available()
@@ -207,7 +204,8 @@ def protect(
     if why:
         log.warning("dm-verity not set up: %s", why)
         return data_dev, f"dm-verity not set up: {why} (agent block checks only)"
-    tree = fetched.wait() if fetched is not None else fetch_tree(name, v, cache, reader)
+    assert fetched is not None, "the root stage starts the tree's fetch whenever one is published"
+    tree = fetched.wait()
     hash_dev, fd = attach(tree)
     try:
         dev = setup(v, data_dev, hash_dev)

@@ -21,9 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from seedboot.agent.errors import SeedError
 from seedboot.agent.stages import Context
+
+if TYPE_CHECKING:
+    from seedboot.agent.metadata import Verity
+    from seedboot.agent.verity import TreeFetch
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,16 @@ def start_prewarmed(p: Prewarmed, argv: list[str], mountpoint: Path, ctx: Contex
     return p.proc.pid
 
 
+def start_tree_fetch(ctx: Context, name: str, v: Verity) -> TreeFetch:
+    """The dm-verity tree of NAME, fetched in the background from the chosen mirror (offline,
+    only the cache's copy will do)."""
+    from seedboot.agent import verity
+    from seedboot.agent.reader import HttpReader
+
+    reader = HttpReader(ctx.mirror) if ctx.mirror and not ctx.cmdline.offline else None
+    return verity.fetch_tree_in_background(name, v, ctx.paths.cache, reader)
+
+
 def trace_path(ctx: Context, name: str, version: int) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return ctx.paths.cache / "traces" / f"{name}-{version}-{stamp}.trace"
@@ -178,11 +193,7 @@ def run(ctx: Context) -> str:
     if rel.meta.verity is not None:
         # The root stage needs the dm-verity tree (8 MB for 1 GiB); fetch it while the daemon
         # comes up: at 100 ms the transfer's round trips overlap the wait.
-        from seedboot.agent import verity
-        from seedboot.agent.reader import HttpReader
-
-        reader = HttpReader(ctx.mirror) if ctx.mirror and not offline else None
-        ctx.verity_fetch = verity.fetch_tree_in_background(name, rel.meta.verity, ctx.paths.cache, reader)
+        ctx.verity_fetch = start_tree_fetch(ctx, name, rel.meta.verity)
     start = time.monotonic()
     pre = ctx.prewarmed
     ctx.prewarmed = None

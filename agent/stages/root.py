@@ -147,13 +147,14 @@ def run(ctx: Context) -> str:
         if ctx.release is not None:
             # Chain of trust (agent/verity.py): dm-verity between the loop device and the mount.
             from seedboot.agent import verity
-            from seedboot.agent.reader import HttpReader
 
             meta = ctx.release.meta
-            reader = HttpReader(ctx.mirror) if ctx.mirror and not ctx.cmdline.offline else None
-            dev, verity_note = verity.protect(
-                meta.name, meta.verity, dev, ctx.paths.cache, reader, attach_loop, ctx.verity_fetch
-            )
+            fetch = ctx.verity_fetch
+            if fetch is None and meta.verity is not None:  # the blockdev stage did not start it
+                from seedboot.agent.stages.blockdev import start_tree_fetch
+
+                fetch = start_tree_fetch(ctx, meta.name, meta.verity)
+            dev, verity_note = verity.protect(meta.verity, dev, attach_loop, fetch)
         fs = fstype(dev)
         lower = ctx.paths.lower
         lower.mkdir(parents=True, exist_ok=True)
