@@ -278,6 +278,10 @@ def format_status(s: dict[str, Any]) -> str:
         else f"filesystem {cu['fs_used'] * 100 // max(cu['fs_total'], 1)}% used"
     )
     lines.append(f"cache     {cu['blocks']} blocks, {_mb(cu['bytes'])} ({limit}), {cu['evicted']} evicted")
+    cpu = s["cpu"]
+    threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu["threads"].items(), key=lambda kv: -kv[1]))
+    start = f"{cpu['to_start']:.2f} s of it to start"
+    lines.append(f"cpu       {cpu['total']:.2f} s ({start}); threads: {threads}")
     return "\n".join(lines)
 
 

@@ -252,6 +252,11 @@ def test_mount_loop_ext4_overlay_reads_the_tree(
     st = m.status()
     c = st["counters"]
     assert isinstance(c, dict) and c["fetched"] + c["readahead"] > 0 and c["errors"] == 0
+    # where its CPU went: starting up, the FUSE loop, and the threads that verified the fetches
+    cpu = st["cpu"]
+    assert isinstance(cpu, dict) and 0 < cpu["to_start"] <= cpu["total"]
+    assert cpu["threads"]["main"] > 0 and "verify" in cpu["threads"] and "fetcher" in cpu["threads"]
+    assert "s of it to start); threads: " in out and "main " in out.split("threads: ")[1]
     # busy: a loop device holds the image, so umount refuses with a clear message
     r = seedboot("umount", m.mountpoint, check=False)
     assert r.returncode == 1 and "busy" in r.stderr and "losetup -d" in r.stderr
