@@ -117,8 +117,9 @@ class Row:
 class Bench:
     """Everything the runs share: workload, nginx, and seedboot's setup once it is built."""
 
-    def __init__(self, work: workload.Workload, out: Path, timeout: float) -> None:
+    def __init__(self, work: workload.Workload, out: Path, timeout: float, icount: bool = False) -> None:
         self.work = work
+        self.icount = icount
         self.out = out
         self.timeout = timeout
         self.www = workload.BUILD / "www"
@@ -154,6 +155,7 @@ class Bench:
             self.out / "logs" / f"{cfg.key}-{i}.log",
             timeout=self.timeout,
             wait_poweroff=wait_poweroff,
+            icount=self.icount,
         )
 
     def run(self, cfg: Config, i: int) -> Run:
@@ -234,15 +236,22 @@ class Bench:
         profiled.write_text("1\n")
 
     def _result(self, b: vm.Boot, proxy: LatencyProxy | None) -> Run:
+        seconds, error = b.seconds, b.error
+        if self.icount and seconds is not None:
+            seconds = b.guest_seconds
+            error = error or ("" if seconds is not None else "the marker line has no guest-uptime=")
         return Run(
-            seconds=b.seconds,
+            seconds=seconds,
             wire_bytes=wire_to_marker(proxy, b.seconds) if proxy else 0,
             read_bytes=b.read_bytes,
             read_ops=b.read_ops,
             stages=seedboot_runs.stages(b.lines, b.seconds) or baseline_stages(b),
             trace=proxy.trace if proxy else [],
-            error=b.error,
+            error=error,
         )
+
+
+ICOUNT_STAMP = "icount"  # in a results directory: its times are -icount guest times
 
 
 def wire_to_marker(proxy: LatencyProxy, seconds: float | None) -> int:
@@ -272,10 +281,15 @@ def fmt_time(row: Row) -> str:
     return s
 
 
-def table(rows: list[Row], rtt: float, runs: int) -> str:
+def table(rows: list[Row], rtt: float, runs: int, icount: bool = False) -> str:
     base = next((r.median() for r in rows if r.config.key == "a"), None)
+    what = (
+        f"guest time at the marker under {' '.join(vm.ICOUNT)} (instructions counted, not the host's clock)"
+        if icount
+        else "QEMU start to the marker"
+    )
     out = [
-        f"Boot time, QEMU start to the marker (TCG, -smp 1, -m {vm.MEMORY_MB}), seconds: median [min-max] "
+        f"Boot time, {what} (TCG, -smp 1, -m {vm.MEMORY_MB}), seconds: median [min-max] "
         f"of {runs}; latency {rtt * 1000:.0f} ms RTT from the user-space proxy",
         "",
         "(vs (a): ratio of medians, then of minimums: the fastest run is the least disturbed by other load)",
@@ -373,12 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per boot before giving up")
     p.add_argument("--kernel", type=Path, help="kernel directory (seedboot kernel fetch --out DIR) to reuse")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--icount",
+        action="store_true",
+        help="time each boot by the guest's instruction-counted clock (QEMU -icount): reproducible on a "
+        "busy host, for comparing changes; the stage split stays on the host's clock",
+    )
     p.add_argument("--table", type=Path, metavar="DIR", help="print and plot a finished run's results again")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.table:
         rows = load(args.table)
-        text = table(rows, args.rtt / 1000, max((len(r.runs) for r in rows), default=0))
+        runs = max((len(r.runs) for r in rows), default=0)
+        text = table(rows, args.rtt / 1000, runs, (args.table / ICOUNT_STAMP).exists())
         print(text)
         (args.table / "table.txt").write_text(text + "\n")
         if not args.no_plots:
@@ -409,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     say = progress_printer()
     say("workload: building or reusing " + ("the smoke image" if args.smoke else "Debian 12 minbase, 1 GiB"))
     work = workload.prepare(smoke=args.smoke, kernel_dir=args.kernel)
-    bench = Bench(work, out, args.timeout)
+    bench = Bench(work, out, args.timeout, args.icount)
+    if args.icount:
+        (out / ICOUNT_STAMP).write_text(" ".join(vm.ICOUNT) + "\n")
     rows = [Row(c) for c in selected]
     with bench.serving():
         seed_rows = [r for r in rows if r.config.kind == "seedboot"]
@@ -445,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     say(f" {result.seconds:.1f} s{wire}", cont=True)
             # After each round: a run stopped later still leaves a table of what it measured.
-            save(rows, rtt, i + 1, out)
-    text = save(rows, rtt, runs, out)
+            save(rows, rtt, i + 1, out, args.icount)
+    text = save(rows, rtt, runs, out, args.icount)
     print()
     print(text)
     if not args.no_plots:
@@ -460,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.times() or r.skipped for r in rows) else 1
 
 
-def save(rows: list[Row], rtt: float, runs: int, out: Path) -> str:
-    text = table(rows, rtt, runs)
+def save(rows: list[Row], rtt: float, runs: int, out: Path, icount: bool = False) -> str:
+    text = table(rows, rtt, runs, icount)
     (out / "table.txt").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps([row_json(r) for r in rows], indent=1))
     traces = {r.config.key: [run.trace for run in r.runs] for r in rows}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import threading
@@ -22,6 +23,13 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = 1024
 BASE_APPEND = "console=ttyS0 panic=-1 quiet"
+# -icount: the guest's clock counts instructions (2^2 ns each) instead of following the host's,
+# and runs in real time while the guest idles (sleep=on). A boot's guest time then measures the
+# work it did, and another job on this shared host no longer changes it (±0.5 s where wall
+# times swing by ±3 s): the mode for comparing changes to the agent.
+ICOUNT = ["-icount", "shift=2,sleep=on"]
+# What the benchmark's marker line carries: "SEEDBOOT-BENCH-DONE guest-uptime=27.81"
+GUEST_UPTIME = re.compile(r"guest-uptime=([0-9.]+)")
 
 
 @dataclass
@@ -30,6 +38,7 @@ class Boot:
 
     seconds: float | None
     lines: list[tuple[float, str]] = field(default_factory=list)
+    guest_seconds: float | None = None  # the guest's own uptime at the marker, if it said
     read_bytes: int = 0
     read_ops: int = 0
     exit_code: int | None = None
@@ -83,6 +92,7 @@ def boot(
     timeout: float = 600.0,
     wait_poweroff: float = 0.0,
     on_line: Callable[[float, str], None] | None = None,
+    icount: bool = False,
 ) -> Boot:
     """Boot and wait for MARKER; ``wait_poweroff`` seconds then let the guest shut down cleanly
     (needed when the boot writes a cache that the next boot reads)."""
@@ -93,6 +103,7 @@ def boot(
         QEMU,
         "-accel",
         "tcg",
+        *(ICOUNT if icount else []),
         "-smp",
         "1",
         "-m",
@@ -133,6 +144,8 @@ def boot(
                 on_line(t, line)
             if marker in line and result.seconds is None:
                 result.seconds = t
+                m = GUEST_UPTIME.search(line)
+                result.guest_seconds = float(m.group(1)) if m else None
                 seen.set()
         seen.set()
 

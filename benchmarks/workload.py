@@ -40,7 +40,7 @@ After=multi-user.target
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'echo {MARKER} > /dev/console'
+ExecStart=/bin/sh -c 'read up idle < /proc/uptime; echo {MARKER} guest-uptime=$$up > /dev/console'
 ExecStartPost=/bin/systemctl --no-block poweroff
 
 [Install]
@@ -68,7 +68,8 @@ exec /bin/busybox switch_root /newroot /sbin/init
 
 SMOKE_INIT = f"""#!/bin/sh
 /bin/busybox mount -t proc proc /proc
-echo {MARKER} > /dev/console
+read up idle < /proc/uptime
+echo {MARKER} guest-uptime=$up > /dev/console
 /bin/busybox poweroff -f
 """
 
@@ -102,6 +103,10 @@ def debian_mirror() -> str:
 
 def build_rootfs(dest: Path) -> Path:
     if (dest / ".complete").exists():
+        unit = dest / "etc/systemd/system/bench-marker.service"
+        if unit.read_text() != MARKER_UNIT:  # built by an older harness: same OS, new marker
+            unit.write_text(MARKER_UNIT)
+            (dest / ".complete").touch()  # so the image is built (and published) again
         return dest
     if shutil.which("debootstrap") is None:
         raise SystemExit("debootstrap is missing: run scripts/setup (or apt-get install debootstrap)")
@@ -212,9 +217,9 @@ def build_initramfs(
 
 def build_smoke_image(dest: Path) -> Path:
     """A 16 MiB ext4 'OS' whose /sbin/init prints the marker and powers off."""
-    if dest.exists():
-        return dest
     tree = dest.with_name("smoke-rootfs")
+    if dest.exists() and (tree / "sbin/init").is_file() and (tree / "sbin/init").read_text() == SMOKE_INIT:
+        return dest
     if tree.exists():
         shutil.rmtree(tree)
     for d in ("bin", "sbin", "proc", "dev"):

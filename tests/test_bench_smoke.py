@@ -30,6 +30,22 @@ def test_smoke_run_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "logs" / "e4-0.log").read_text().count("SEEDBOOT-BENCH-DONE") == 1
 
 
+@pytest.mark.qemu
+def test_icount_times_the_guest_by_its_own_clock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kernel = str(artifacts.kernel_dir())
+    argv = ["--smoke", "--icount", "--only", "a", "--no-plots", "--out", str(tmp_path), "--kernel", kernel]
+    assert boot.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "guest time at the marker under -icount" in out
+    run = json.loads((tmp_path / "results.json").read_text())[0]["runs"][0]
+    marker = next(x for x in (tmp_path / "logs" / "a-0.log").read_text().splitlines() if "BENCH-DONE" in x)
+    # the time reported is the one the guest printed with its marker, not the host's
+    assert run["seconds"] == float(marker.split("guest-uptime=")[1]) > 0
+    # and a results directory printed again keeps saying which clock it used
+    assert boot.main(["--table", str(tmp_path), "--no-plots"]) == 0
+    assert "guest time at the marker under -icount" in capsys.readouterr().out
+
+
 def test_stage_split_from_agent_lines() -> None:
     lines = [
         (1.0, "SeaBIOS"),
