@@ -2,8 +2,8 @@
 
 ``init`` (also what PID 1 does when given nothing else) runs the boot stages. The block
 device commands come from ``seedboot.agent.mount_cmd`` and are imported only when asked
-for, so PID 1 never pays for FUSE or trio: the block daemon is a separate exec of this
-same binary (``@seedboot-blockdev mount ...``).
+for, so PID 1 never pays for FUSE or trio: the block daemon is a process PID 1 forks early
+(``seedboot.agent.prewarm``), named ``@seedboot-blockdev``, which runs ``blockdev_wait``.
 """
 
 from __future__ import annotations
@@ -117,9 +117,10 @@ def _block_commands(argv: list[str]) -> int:
 def blockdev_wait(args: list[str]) -> int:
     """Import the block daemon's modules now, then wait for its command line on ``--opts-fd``.
 
-    The boot starts this early (as ``@seedboot-blockdev``), so the daemon's interpreter start
-    and imports (seconds under emulation) overlap the hardware, network and trust stages.
-    An empty command line (the boot went another way) ends it."""
+    The boot forks a process into this early (``seedboot.agent.prewarm``), so the daemon's
+    imports (seconds under emulation) overlap the hardware, network and trust stages; it is
+    also a command (``seedboot-agent blockdev-wait``) for an exec'd start. An empty command
+    line (the boot went another way) ends it."""
     import importlib
     import json
 

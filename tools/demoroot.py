@@ -55,6 +55,11 @@ sync
 for f in $(cat /etc/seedboot-demo/extra 2>/dev/null); do
     [ -r "$f" ] || fail "cannot read $f"
 done
+# Storage daemons (argv[0] beginning with @) are what systemd spares at shutdown.
+for c in /proc/[0-9]*/cmdline; do
+    n=$(tr '\0' '\n' < "$c" 2>/dev/null | head -n 1)
+    case "$n" in @*) p=${c#/proc/}; echo "seedboot-demo: storage daemon $n pid ${p%/cmdline}" ;; esac
+done
 up=$(cut -d' ' -f1 /proc/uptime)
 echo "SEEDBOOT-DEMO-OK sha256=ok overlay=ok root=${root% *} fstype=${root#* } uptime=$up"
 # With seed.debug, show the block daemon's log (it lives in /run, gone after power-off).

@@ -1,7 +1,10 @@
 """Stage 7: start the block device daemon and wait until ``disk.img`` answers a read.
 
-The daemon is a separate exec of this same binary (``seedboot.agent.daemon.spawn``) with
-argv[0] ``@seedboot-blockdev``: systemd spares ``@`` processes at switch-root and shutdown.
+The daemon is forked from PID 1 at the early stage (``seedboot.agent.prewarm``), where it
+imports its modules while the other stages run, and is handed its mount command line here;
+without that (not frozen, or it died), a separate exec of this binary
+(``seedboot.agent.daemon.spawn``). Either way its argv[0] is ``@seedboot-blockdev``: systemd
+spares ``@`` processes at switch-root and shutdown.
 It re-reads the release this boot just verified from the cache (``--cached-release``, the
 signature is checked again) and does not probe the mirrors again (``--no-probe``: they come
 ranked from the mirror stage). Its runtime lives in /run/seedboot, which survives the
@@ -15,7 +18,6 @@ import json
 import logging
 import os
 import select
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from seedboot.agent.errors import SeedError
+from seedboot.agent.prewarm import Child, fork_daemon
 from seedboot.agent.stages import Context
 
 if TYPE_CHECKING:
@@ -39,9 +42,9 @@ SAY_AFTER = 3.0
 
 @dataclass
 class Prewarmed:
-    """A daemon process started early (``seedboot-agent blockdev-wait``), importing its modules."""
+    """A daemon process started early (forked into ``blockdev_wait``), importing its modules."""
 
-    proc: subprocess.Popen[bytes]
+    proc: Child
     opts_w: int  # write its mount command line here
     ready_r: int  # it writes "ok" (or "message\thint") here once it serves
     ready_w: int  # its end, passed as --ready-fd
@@ -55,24 +58,20 @@ def frozen() -> bool:
 def prewarm(ctx: Context) -> Prewarmed | None:
     """Start the daemon's process now; ``run`` hands it the command line later."""
     if not frozen():
-        return None  # only the frozen agent has the blockdev-wait entry point at argv[1]
+        return None  # stages run on a host by tests: the daemon starts in its own stage
     opts_r, opts_w = os.pipe()
     ready_r, ready_w = os.pipe()
     ctx.paths.run.mkdir(parents=True, exist_ok=True)
     logpath = ctx.paths.blockdev_log
-    with open(logpath, "ab") as logf:
-        proc = subprocess.Popen(
-            [ARGV0, "blockdev-wait", "--opts-fd", str(opts_r)],
-            executable=sys.executable,
-            pass_fds=(opts_r, ready_w),
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            start_new_session=True,
-            cwd="/",
-        )
-    os.close(opts_r)
-    log.debug("block daemon %d started early (importing)", proc.pid)
+    try:
+        proc = fork_daemon(ARGV0, opts_r, logpath, (opts_w, ready_r))
+    except OSError:
+        for fd in (opts_w, ready_r, ready_w):
+            os.close(fd)
+        raise
+    finally:
+        os.close(opts_r)
+    log.debug("block daemon %d forked early (importing)", proc.pid)
     return Prewarmed(proc, opts_w, ready_r, ready_w, logpath)
 
 
