@@ -1,0 +1,37 @@
+"""The block daemon's early process (agent/prewarm.py), forked for real from this process: the
+name systemd sees, the imports it does while PID 1 goes on, and its clean end when the boot
+never hands it a command line. The QEMU boot test checks the same from inside a booted OS."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from seedboot.agent.prewarm import fork_daemon
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_forked_daemon_is_a_storage_daemon_and_ends_without_a_command_line(tmp_path: Path) -> None:
+    opts_r, opts_w = os.pipe()
+    log = tmp_path / "blockdev.log"
+    child = fork_daemon("@seedboot-blockdev", opts_r, log, (opts_w,))
+    os.close(opts_r)
+    try:
+        deadline = time.monotonic() + 30
+        while not _cmdline(child.pid).startswith(b"@") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # what systemd reads to spare it at switch-root and shutdown: argv[0] starting with "@"
+        assert _cmdline(child.pid).split(b"\0")[0] == b"@seedboot-blockdev"
+        assert Path(f"/proc/{child.pid}/comm").read_text().strip() == "seedboot-blockd"  # 15 bytes at most
+        assert os.getsid(child.pid) == child.pid, "its own session: a console's hangup is not its end"
+        assert child.poll() is None, "it waits for its command line"
+    finally:
+        os.close(opts_w)  # the boot went another way: an empty command line
+    assert child.wait() == 0
+    text = log.read_text()
+    assert "blockdev-wait: pyfuse3 imported" in text and "Traceback" not in text
+    assert _cmdline(os.getpid()).split(b"\0")[0] != b"@seedboot-blockdev", "the parent keeps its name"
