@@ -107,6 +107,9 @@ def _child(argv0: str, opts_r: int, logfd: int, parent_fds: tuple[int, ...]) -> 
         os.dup2(logfd, 1)
         os.dup2(logfd, 2)
         os.close(logfd)
+        # PID 1's stream objects may not write to fds 1 and 2 (a test harness swaps them)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         # PID 1's handlers write to the console and the agent's log: not this process's
         logging.getLogger().handlers.clear()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
