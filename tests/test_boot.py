@@ -137,8 +137,9 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert "eth0 10.0.2.15/24 via DHCP" in stage_line(console, "network")
     assert "LABEL=KNXBLOCK" in stage_line(console, "cache")
     assert "demo v1 verified from http://10.0.2.2" in stage_line(console, "trust")
-    pid = re.search(r"served by pid (\d+) \(@seedboot-blockdev\)", stage_line(console, "blockdev"))
-    assert pid, stage_line(console, "blockdev")
+    blockdev = stage_line(console, "blockdev")
+    pid = re.search(r"served by pid (\d+) \(@seedboot-blockdev, forked early\)", blockdev)
+    assert pid, blockdev
     # the booted OS sees the daemon as a storage daemon (argv[0] "@..."), which systemd spares
     assert f"seedboot-demo: storage daemon @seedboot-blockdev pid {pid.group(1)}" in console
     assert re.search(r"timing: kernel ran /init at .* overhead \(all but the waits\) [\d.]+s", console)

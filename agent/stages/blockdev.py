@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def prewarm(ctx: Context) -> Prewarmed | None:
     """Start the daemon's process now; ``run`` hands it the command line later."""
     if not frozen():
         return None  # stages run on a host by tests: the daemon starts in its own stage
+    if threading.active_count() > 1:
+        # a fork copies no other thread, so a lock one of them holds would stay held in the
+        # child forever: start the daemon in its stage instead (never the case at early)
+        log.warning("not forking the block daemon early: PID 1 already runs threads")
+        return None
     opts_r, opts_w = os.pipe()
     ready_r, ready_w = os.pipe()
     ctx.paths.run.mkdir(parents=True, exist_ok=True)
@@ -203,7 +209,7 @@ def run(ctx: Context) -> str:
     try:
         if pre is not None:
             pid = start_prewarmed(pre, opts.to_argv(), mountpoint, ctx)
-        else:  # not frozen, or the early daemon died: PID 1 pays for the daemon's imports
+        else:  # not forked early, or that one died: PID 1 waits for all of the daemon's start
             from seedboot.agent.daemon import spawn
 
             pid = spawn(opts)
@@ -213,7 +219,8 @@ def run(ctx: Context) -> str:
     ctx.timings["daemon-start"] = time.monotonic() - start
     ctx.daemon_pid = pid
     size = rel.meta.image_size / 2**20
-    detail = f"{mountpoint}/disk.img ({size:.0f} MiB) served by pid {pid} ({ARGV0})"
+    how = "forked early" if pre is not None else "started now"
+    detail = f"{mountpoint}/disk.img ({size:.0f} MiB) served by pid {pid} ({ARGV0}, {how})"
     detail += f", prefetch {ctx.cmdline.prefetch}"
     if offline:
         detail += ", offline"
