@@ -66,16 +66,22 @@ class Child:
 
 
 def set_argv0(name: str) -> None:
-    """Make /proc/self/cmdline read NAME (and comm its first 15 bytes, for ps and top)."""
-    # /proc/self/stat after the command's ")": field 3 first; arg_start is 48, env_end 51
+    """Make /proc/self/cmdline read NAME (and comm its first 15 bytes, for ps and top).
+
+    NAME goes over the argument strings; if it is longer (PID 1's are just "/init"), it runs
+    on into the environment strings, which the kernel then reads up to NAME's NUL. Only the
+    bytes it needs are overwritten: C code's getenv still finds the rest of the environment
+    (Python's os.environ is a copy made at start)."""
+    # /proc/self/stat after the command's ")": field 3 first; arg_start is 48, arg_end 49, env_end 51
     fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    arg_start, env_end = int(fields[45]), int(fields[48])
+    arg_start, arg_end, env_end = int(fields[45]), int(fields[46]), int(fields[48])
     data = name.encode() + b"\0"
-    room = env_end - arg_start
-    if not arg_start or len(data) > room:
+    if not arg_start or len(data) > env_end - arg_start:
+        room = env_end - arg_start
         raise OSError(f"no room for argv[0] {name!r} ({room} bytes of arguments and environment)")
     ctypes.memmove(arg_start, data, len(data))
-    ctypes.memset(arg_start + len(data), 0, room - len(data))
+    if arg_end > arg_start + len(data):  # the old arguments after it: gone
+        ctypes.memset(arg_start + len(data), 0, arg_end - arg_start - len(data))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NAME, name.lstrip("@").encode()[:15], 0, 0, 0)
 

@@ -5,6 +5,8 @@ never hands it a command line. The QEMU boot test checks the same from inside a 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,3 +37,26 @@ def test_forked_daemon_is_a_storage_daemon_and_ends_without_a_command_line(tmp_p
     text = log.read_text()
     assert "blockdev-wait: pyfuse3 imported" in text and "Traceback" not in text
     assert _cmdline(os.getpid()).split(b"\0")[0] != b"@seedboot-blockdev", "the parent keeps its name"
+
+
+SHORT_ARGV = """
+import ctypes, os
+from seedboot.agent.prewarm import set_argv0
+set_argv0("@seedboot-blockdev")
+getenv = ctypes.CDLL(None).getenv
+getenv.restype = ctypes.c_char_p
+print(open("/proc/self/cmdline", "rb").read().split(b"\\0")[0].decode(), getenv(b"SEED_KEEP").decode())
+"""
+
+
+def test_a_name_longer_than_the_arguments_keeps_the_environment(tmp_path: Path) -> None:
+    """PID 1's arguments are just "/init": the name runs on over the first environment string,
+    and C code still finds the others (libcurl reads its proxy variables with getenv)."""
+    (tmp_path / "s.py").write_text(SHORT_ARGV)
+    # PYTHONEXECUTABLE: with argv[0] "p", Python finds its venv (and seedboot) from this instead
+    env = {"A_FIRST": "x" * 24, "SEED_KEEP": "yes", "PYTHONEXECUTABLE": sys.executable}
+    r = subprocess.run(
+        ["p", "s.py"], executable=sys.executable, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["@seedboot-blockdev", "yes"]
