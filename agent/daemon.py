@@ -14,6 +14,7 @@ prefix although argv[0] is not its path.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import hashlib
@@ -249,10 +250,10 @@ def _rss() -> int:
 
 
 def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
-    import pyfuse3
-    import trio
+    import asyncio
 
     from seedboot.agent.fusefs import SeedFS
+    from seedboot.agent.pyfuse import pyfuse3
 
     if not opts.mountpoint.is_dir():
         raise SeedError(f"mount point {opts.mountpoint} is not a directory", "mkdir it first")
@@ -323,18 +324,19 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     log.info("serving after %.2f s of CPU (imports, trust, mount)", cpu_ready)
 
     async def main() -> None:
-        fs.token = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as n:
-            n.start_soon(_signals, mountpoint)
-            n.start_soon(trio.to_thread.run_sync, _after_init, mountpoint)
-            if ready_fd is not None:
-                os.write(ready_fd, b"ok\n")
-                os.close(ready_fd)
-            await pyfuse3.main()
-            n.cancel_scope.cancel()
+        loop = asyncio.get_running_loop()
+        fs.loop = loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal, loop, mountpoint, sig)
+        tuned = loop.run_in_executor(None, _after_init, mountpoint)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+        await pyfuse3.main()
+        await tuned
 
     try:
-        trio.run(main)
+        asyncio.run(main())
     finally:
         log.info("mount %s ended; stopping", opts.mountpoint)
         if prefetcher is not None:
@@ -349,16 +351,16 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     return 0
 
 
-async def _signals(mountpoint: Path) -> None:
+def _on_signal(loop: asyncio.AbstractEventLoop, mountpoint: Path, sig: int) -> None:
     """SIGTERM/SIGINT unmount if nothing uses the mount; a busy mount keeps being served (it
-    may be the root filesystem)."""
-    import trio
+    may be the root filesystem). The unmount waits for FUSE's answers: not in the loop."""
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-        async for sig in sigs:
-            err = await trio.to_thread.run_sync(umount, mountpoint)
-            if err:
-                log.warning("signal %d: not stopping, %s", sig, err)
+    def attempt() -> None:
+        err = umount(mountpoint)
+        if err:
+            log.warning("signal %d: not stopping, %s", sig, err)
+
+    loop.run_in_executor(None, attempt)
 
 
 def umount(mountpoint: Path) -> str:

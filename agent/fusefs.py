@@ -1,24 +1,25 @@
-"""The FUSE side (pyfuse3 + trio): a read-only ``disk.img`` and a virtual ``status.json``.
+"""The FUSE side (pyfuse3 on asyncio): a read-only ``disk.img`` and a virtual ``status.json``.
 
-Reads never block the trio loop: a block not in memory is requested from the block device
-(an I/O or fetcher thread delivers it) and the read task waits on a trio event, so many
+Reads never block the event loop: a block not in memory is requested from the block device
+(an I/O or fetcher thread delivers it) and the read task waits on an asyncio event, so many
 reads are in flight at once. ``status.json`` is rendered when opened, so ``seedboot status``
 needs nothing but the mount point.
+
+Why asyncio and not trio: ``seedboot.agent.pyfuse``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import stat
 from collections.abc import Callable
 from typing import Any
 
-import pyfuse3
-import trio
-
 from seedboot.agent.blockdev import BlockDevice, ReadAhead, Recorder
 from seedboot.agent.fetcher import DEMAND
+from seedboot.agent.pyfuse import pyfuse3
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class _Wait:
     def __init__(self) -> None:
         self.plain: bytes | None = None
         self.error = ""
-        self.event = trio.Event()
+        self.event = asyncio.Event()
 
 
 class SeedFS(pyfuse3.Operations):
@@ -58,7 +59,7 @@ class SeedFS(pyfuse3.Operations):
         self.bs = dev.index.block_size
         self.status_files: dict[int, bytes] = {}
         self.next_fh = STATUS_FH_BASE
-        self.token: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the daemon once it runs
         self.reply = bytearray()
 
     def _attr(self, inode: int) -> Any:
@@ -181,11 +182,13 @@ class SeedFS(pyfuse3.Operations):
     def _request(self, b: int) -> _Wait:
         w = _Wait()
 
+        loop = self.loop
+        assert loop is not None, "reads come only once the daemon's loop runs"
+
         def done(p: bytes | None, error: str) -> None:
             w.plain, w.error = p, error
-            token.run_sync_soon(w.event.set)
+            loop.call_soon_threadsafe(w.event.set)
 
-        token = self.token
         plain = self.dev.lookup(b, DEMAND, done)
         if plain is not None:  # else done() sets it, perhaps already (another thread)
             w.plain = plain

@@ -2,7 +2,7 @@
 
 ``init`` (also what PID 1 does when given nothing else) runs the boot stages. The block
 device commands come from ``seedboot.agent.mount_cmd`` and are imported only when asked
-for, so PID 1 never pays for FUSE or trio: the block daemon is a process PID 1 forks early
+for, so PID 1 never pays for FUSE: the block daemon is a process PID 1 forks early
 (``seedboot.agent.prewarm``), named ``@seedboot-blockdev``, which runs ``blockdev_wait``.
 """
 
@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-RUNTIME_MODULES = ("pycurl", "pyfuse3", "trio", "pyudev", "netifaces", "zstandard")
+RUNTIME_MODULES = ("pycurl", "seedboot.agent.pyfuse", "pyudev", "netifaces", "zstandard")
 INIT_COMMANDS = ("init", "selftest", "--version", "-V", "-h", "--help", "blockdev-wait")
 # What the block daemon imports: loaded ahead by ``blockdev-wait`` while PID 1 does other work.
 DAEMON_MODULES = (
@@ -21,8 +21,8 @@ DAEMON_MODULES = (
     "seedboot.agent.fetcher",
     "seedboot.agent.mount_cmd",
     "seedboot.agent.release",
-    "pyfuse3",
-    "trio",
+    "seedboot.agent.pyfuse",
+    "asyncio",
     "pycurl",
     "zstandard",
     "seedboot.agent.signature",
@@ -73,8 +73,8 @@ def selftest() -> int:
         ver = getattr(mod, "__version__", None) or getattr(mod, "version", None)
         if name == "pycurl":
             ver = mod.version
-        elif name == "pyfuse3":
-            ver = getattr(mod, "__version__", "?")
+        elif name == "seedboot.agent.pyfuse":
+            name, ver = "pyfuse3", f"{getattr(mod.pyfuse3, '__version__', '?')} (asyncio mode, no trio)"
         print(f"{name}: {ver}")
     if _ed25519_known_answer():
         print("ed25519: libcrypto ok")

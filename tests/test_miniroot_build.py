@@ -172,6 +172,9 @@ def test_frozen_agent_runs_from_the_extracted_initramfs(extracted: Path) -> None
     assert "selftest ok" in p.stdout
     for mod in ("pycurl", "pyfuse3", "pyudev", "netifaces", "zstandard", "ed25519"):
         assert f"{mod}:" in p.stdout
+    # the block daemon runs pyfuse3 on asyncio: trio and its dependencies are not in the runtime
+    assert "(asyncio mode, no trio)" in p.stdout
+    assert not [p for p in rt.rglob("*") if p.name in ("trio", "attr", "attrs", "outcome")]
     interp = subprocess.run(["readelf", "-l", str(agent)], capture_output=True, text=True).stdout
     assert "[Requesting program interpreter: /run/seedboot/lib/ld-linux-x86-64.so.2]" in interp
 

@@ -35,7 +35,7 @@ def test_forked_daemon_is_a_storage_daemon_and_ends_without_a_command_line(tmp_p
         os.close(opts_w)  # the boot went another way: an empty command line
     assert child.wait() == 0
     text = log.read_text()
-    assert "blockdev-wait: pyfuse3 imported" in text and "Traceback" not in text
+    assert "blockdev-wait: seedboot.agent.pyfuse imported" in text and "Traceback" not in text
     assert _cmdline(os.getpid()).split(b"\0")[0] != b"@seedboot-blockdev", "the parent keeps its name"
 
 

@@ -41,14 +41,10 @@ RUN_HOME = "/run/seedboot"
 LOADER = f"{RUN_HOME}/lib/ld-linux-x86-64.so.2"
 
 # Third-party packages frozen whole (their lazy imports would escape modulefinder).
+# trio (and attrs, outcome, sniffio, sortedcontainers) stay out: pyfuse3 runs on asyncio and an
+# empty module stands in for the trio it imports (seedboot.agent.pyfuse).
 PACKAGES: tuple[str, ...] = (
     "pyfuse3",
-    "trio",
-    "outcome",
-    "sniffio",
-    "sortedcontainers",
-    "attr",
-    "attrs",
     "pycurl",
     "pyudev",
     "netifaces",
@@ -57,12 +53,7 @@ PACKAGES: tuple[str, ...] = (
 # Files never needed at run time (type stubs, tests, the cffi backend of zstandard).
 SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test", "_tools"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
-# trio's TLS and DTLS layers load only on first use (see PATCHES) and nothing uses them; without
-# them the stdlib's ssl and _ssl stay out too (0.1 MB zstd).
-SKIP_NAMES = re.compile(
-    r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py|asyncio\.py"
-    r"|_ssl\.py|_dtls\.py|_highlevel_ssl_helpers\.py|_repl\.py)$"
-)
+SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py)$")
 # Source edits at freeze time: module path -> ((old, new), ...), for start-up cost under emulation.
 # - pyfuse3 asks importlib.metadata for its version at import, which pulls in email, zipfile, csv...
 # - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
@@ -73,59 +64,6 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
         (
             "from importlib.metadata import PackageNotFoundError, version as package_version\n",
             "class PackageNotFoundError(Exception): pass\ndef package_version(name): return {version!r}\n",
-        ),
-    ),
-    # trio imports its TLS and DTLS layers (ssl, _ssl, hmac, enum conversions) and idna (with the
-    # 1 MB unicodedata) at import; pyfuse3 and the agent use neither (the block daemon's HTTP is
-    # pycurl's): both load on first use instead. Under TCG this was ~0.15 s of every boot.
-    "trio/__init__.py": (
-        (
-            "from ._dtls import (\n"
-            "    DTLSChannel as DTLSChannel,\n"
-            "    DTLSChannelStatistics as DTLSChannelStatistics,\n"
-            "    DTLSEndpoint as DTLSEndpoint,\n"
-            ")\n",
-            "",
-        ),
-        (
-            "from ._highlevel_ssl_helpers import (\n"
-            "    open_ssl_over_tcp_listeners as open_ssl_over_tcp_listeners,\n"
-            "    open_ssl_over_tcp_stream as open_ssl_over_tcp_stream,\n"
-            "    serve_ssl_over_tcp as serve_ssl_over_tcp,\n"
-            ")\n",
-            "",
-        ),
-        (
-            "from ._ssl import (\n"
-            "    NeedHandshakeError as NeedHandshakeError,\n"
-            "    SSLListener as SSLListener,\n"
-            "    SSLStream as SSLStream,\n"
-            ")\n",
-            "_LAZY = {'DTLSChannel': '_dtls', 'DTLSChannelStatistics': '_dtls', 'DTLSEndpoint': '_dtls',\n"
-            "         'open_ssl_over_tcp_listeners': '_highlevel_ssl_helpers',\n"
-            "         'open_ssl_over_tcp_stream': '_highlevel_ssl_helpers',\n"
-            "         'serve_ssl_over_tcp': '_highlevel_ssl_helpers',\n"
-            "         'NeedHandshakeError': '_ssl', 'SSLListener': '_ssl', 'SSLStream': '_ssl'}\n",
-        ),
-        (
-            # After this call trio is a module subclass whose __getattr__ (deprecations) would
-            # hide a module-level one: the lazy names go on a subclass of it.
-            "_deprecate.deprecate_attributes(__name__, {})\n",
-            "_deprecate.deprecate_attributes(__name__, {})\n"
-            "import sys as _sys\n"
-            "class _LazyTrio(type(_sys.modules[__name__])):  # seedboot freezer: see PATCHES\n"
-            "    def __getattr__(self, name):\n"
-            "        if name in _LAZY:\n"
-            "            import importlib\n"
-            "            value = getattr(importlib.import_module('trio.' + _LAZY[name]), name)\n"
-            "            setattr(self, name, value)\n"
-            "            return value\n"
-            "        parent = getattr(super(), '__getattr__', None)\n"
-            "        if parent is None:\n"
-            "            raise AttributeError(f'module trio has no attribute {name!r}')\n"
-            "        return parent(name)\n"
-            "_sys.modules[__name__].__class__ = _LazyTrio\n"
-            "del _sys\n",
         ),
     ),
     # random seeds every Random() (its module-level instance at import: tempfile, trio) from
@@ -145,24 +83,6 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
             "        super().seed(a)\n        self.gauss_next = None\n",
             "        if a is None:\n            a = _seedboot_seed()\n"
             "        super().seed(a)\n        self.gauss_next = None\n",
-        ),
-    ),
-    "trio/_socket.py": (
-        ("\nimport idna as _idna\n", "\n"),
-        (
-            "        return _idna.encode(hostname, uts46=True)\n",
-            "        import idna as _idna  # seedboot freezer: see PATCHES\n\n"
-            "        return _idna.encode(hostname, uts46=True)\n",
-        ),
-    ),
-    # attrs normalises class names for make_class with unicodedata, imported at the top.
-    "attr/_make.py": (
-        ("\nimport unicodedata\n", "\n"),
-        (
-            '    name = unicodedata.normalize("NFKC", name)\n',
-            "    if not name.isascii():  # seedboot freezer: see PATCHES\n"
-            "        import unicodedata\n\n"
-            '        name = unicodedata.normalize("NFKC", name)\n',
         ),
     ),
     "dataclasses.py": (
@@ -226,10 +146,10 @@ STDLIB_EXCLUDES = (
     "sysconfig",
     "pkgutil",
     "zipimport",
-    # Reached only through lazy imports the agent never takes (sniffio's asyncio branch, HTTP
-    # and mail parsing in urllib.request and importlib.metadata, \\N{...} in regexes, attrs'
-    # make_class with a non-ASCII name, non-ASCII host names): 2.3 MB, 1.1 MB of it unicodedata.
-    "asyncio",
+    # Reached only through lazy imports the agent never takes (HTTP and mail parsing in
+    # urllib.request and importlib.metadata, \\N{...} in regexes, attrs' make_class with a
+    # non-ASCII name, non-ASCII host names): 2.3 MB, 1.1 MB of it unicodedata. (asyncio stays:
+    # the block daemon runs pyfuse3 on it.)
     "email",
     "http",
     "urllib.request",

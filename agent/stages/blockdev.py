@@ -8,7 +8,7 @@ spares ``@`` processes at switch-root and shutdown.
 It re-reads the release this boot just verified from the cache (``--cached-release``, the
 signature is checked again) and does not probe the mirrors again (``--no-probe``: they come
 ranked from the mirror stage). Its runtime lives in /run/seedboot, which survives the
-switch; its log is /run/seedboot/blockdev.log. PID 1 itself never imports FUSE or trio.
+switch; its log is /run/seedboot/blockdev.log. PID 1 itself never imports FUSE.
 """
 
 from __future__ import annotations
