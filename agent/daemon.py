@@ -250,8 +250,6 @@ def _rss() -> int:
 
 
 def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
-    import asyncio
-
     from seedboot.agent.fusefs import SeedFS
     from seedboot.agent.pyfuse import pyfuse3
 
