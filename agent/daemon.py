@@ -39,6 +39,7 @@ from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import Fetcher
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
+from seedboot.agent.procfs import cpu_seconds
 from seedboot.agent.reader import DirReader, HttpReader, NotFound
 from seedboot.agent.release import Release, load_keys, open_release, save_release
 from seedboot.agent.rollback import RollbackRefused
@@ -227,15 +228,14 @@ def _tune_read_ahead(mountpoint: Path) -> None:
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds used so far by each kind of thread (pools summed: "verify", "cache-read"...):
     under emulation the booted guest is CPU-bound, so this says where the daemon's share goes."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for t in threading.enumerate():
         try:
-            f = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu = cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
         except OSError:
             continue  # the thread ended just now
         kind = "main" if t is threading.main_thread() else t.name.rstrip("0123456789-_ ")
-        out[kind] = round(out.get(kind, 0.0) + (int(f[11]) + int(f[12])) / tick, 2)
+        out[kind] = round(out.get(kind, 0.0) + cpu, 2)
     return out
 
 

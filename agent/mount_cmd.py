@@ -41,6 +41,7 @@ from typing import Any
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.errors import SeedError, report
+from seedboot.agent.procfs import stat_fields
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,10 @@ def run_umount(args: argparse.Namespace) -> int:
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an orphaned daemon waits for init to reap it)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat_fields(f"/proc/{pid}/stat")[0]
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return state != "Z"
 
 
 def _mb(n: float) -> str:

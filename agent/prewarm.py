@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from seedboot.agent.procfs import FIRST_FIELD, stat_fields
+
 PR_SET_NAME = 15
 
 
@@ -72,9 +74,8 @@ def set_argv0(name: str) -> None:
     on into the environment strings, which the kernel then reads up to NAME's NUL. Only the
     bytes it needs are overwritten: C code's getenv still finds the rest of the environment
     (Python's os.environ is a copy made at start)."""
-    # /proc/self/stat after the command's ")": field 3 first; arg_start is 48, arg_end 49, env_end 51
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    arg_start, arg_end, env_end = int(fields[45]), int(fields[46]), int(fields[48])
+    f = stat_fields("/proc/self/stat")
+    arg_start, arg_end, env_end = (int(f[n - FIRST_FIELD]) for n in (48, 49, 51))  # proc(5)'s fields
     data = name.encode() + b"\0"
     if not arg_start or len(data) > env_end - arg_start:
         room = env_end - arg_start

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
+from seedboot.agent import procfs
 from seedboot.agent.mount_options import MountOptions
 from seedboot.tools import keys, publish
 from seedboot.tools.latency_proxy import LatencyProxy
@@ -166,8 +167,7 @@ def seedboot_mount(mirror_url: str | None, cache: Path, pub: Path, mp: Path, *ex
 
 
 def cpu_seconds(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return procfs.cpu_seconds(f"/proc/{pid}/stat")
 
 
 def peak_rss(pid: int) -> tuple[int, int]:
