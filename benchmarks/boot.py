@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     say(f" {result.seconds:.1f} s{wire}", cont=True)
             # After each round: a run stopped later still leaves a table of what it measured.
-            save(rows, rtt, i + 1, out, args.icount)
-    text = save(rows, rtt, runs, out, args.icount)
+            save(rows, rtt, i + 1, out)
+    text = save(rows, rtt, runs, out)
     print()
     print(text)
     if not args.no_plots:
@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.times() or r.skipped for r in rows) else 1
 
 
-def save(rows: list[Row], rtt: float, runs: int, out: Path, icount: bool = False) -> str:
-    text = table(rows, rtt, runs, icount)
+def save(rows: list[Row], rtt: float, runs: int, out: Path) -> str:
+    text = table(rows, rtt, runs, (out / ICOUNT_STAMP).exists())
     (out / "table.txt").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps([row_json(r) for r in rows], indent=1))
     traces = {r.config.key: [run.trace for run in r.runs] for r in rows}
