@@ -230,8 +230,11 @@ def _thread_cpu() -> dict[str, float]:
     under emulation the booted guest is CPU-bound, so this says where the daemon's share goes."""
     out: dict[str, float] = {}
     for t in threading.enumerate():
+        # a forked process's main thread keeps the native_id of the thread that forked it
+        # (PID 1's, for the early-forked block daemon): its own id is the pid
+        tid = os.getpid() if t is threading.main_thread() else t.native_id
         try:
-            cpu = cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
+            cpu = cpu_seconds(f"/proc/self/task/{tid}/stat")
         except OSError:
             continue  # the thread ended just now
         kind = "main" if t is threading.main_thread() else t.name.rstrip("0123456789-_ ")

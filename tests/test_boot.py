@@ -143,6 +143,13 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     # the booted OS sees the daemon as a storage daemon (argv[0] "@..."), which systemd spares
     assert f"seedboot-demo: storage daemon @seedboot-blockdev pid {pid.group(1)}" in console
     assert re.search(r"timing: kernel ran /init at .* overhead \(all but the waits\) [\d.]+s", console)
+    # where that overhead's CPU went: the forked daemon's imports and start are its own share
+    split = re.search(
+        r"CPU since the first line: agent ([\d.]+)s, its commands [\d.]+s, "
+        r"block daemon ([\d.]+)s, kernel and the rest [\d.]+s, idle [\d.]+s",
+        console,
+    )
+    assert split and float(split.group(1)) > 0 and float(split.group(2)) > 0, console
     assert f"SEED-DISK-HOOK stage=switch mirror=http://10.0.2.2:{s.nginx.port} cache=disk" in console
     # the cache partition now holds the verified release and this boot's trace
     assert debugfs(disk, "cat /demo/latest").strip() == "1"

@@ -60,3 +60,31 @@ def test_a_name_longer_than_the_arguments_keeps_the_environment(tmp_path: Path) 
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["@seedboot-blockdev", "yes"]
+
+
+def test_cpu_per_thread_counts_the_main_thread_of_a_process_forked_from_a_thread(tmp_path: Path) -> None:
+    """The early daemon is forked from PID 1's main thread, but a fork from any other thread
+    leaves ``threading.main_thread().native_id`` naming a thread the child does not have:
+    ``seedboot status`` must still show the FUSE loop's CPU under "main"."""
+    import json
+    import threading
+
+    from seedboot.agent.daemon import _thread_cpu
+
+    out = tmp_path / "cpu.json"
+
+    def fork_and_report() -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sum(i * i for i in range(300_000))  # some CPU on the child's only thread
+                out.write_text(json.dumps(_thread_cpu()))
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+    t = threading.Thread(target=fork_and_report)
+    t.start()
+    t.join()
+    threads = json.loads(out.read_text())
+    assert "main" in threads, threads

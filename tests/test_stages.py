@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -291,3 +292,17 @@ def test_console_lines_are_what_parsers_read(tmp_path: Path) -> None:
     active = tmp_path / "active"
     active.write_text("tty0 ttyS0\n")
     assert console.active_consoles(str(active)) == ["tty0", "ttyS0"]
+
+
+def test_machine_cpu_counts_what_this_process_burns() -> None:
+    """The timing line's CPU split rests on /proc/stat: the machine's busy time grows at
+    least by what this process used (other jobs on the host only add to it)."""
+    from seedboot.agent.procfs import machine_cpu
+
+    busy0, idle0 = machine_cpu()
+    cpu0 = time.process_time()
+    while time.process_time() - cpu0 < 0.3:
+        pass
+    used = time.process_time() - cpu0
+    busy1, idle1 = machine_cpu()
+    assert busy1 - busy0 >= used - 0.05 and idle1 >= idle0

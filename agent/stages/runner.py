@@ -8,6 +8,7 @@ a shell on the console and retries the stage when it exits (fix it by hand, then
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from seedboot.agent import hooks
 from seedboot.agent.errors import SeedError
+from seedboot.agent.procfs import machine_cpu
 from seedboot.agent.stages import STAGE_NAMES, Context
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,10 @@ def init(args: Sequence[str]) -> int:
     ctx = Context(Cmdline(), console)
     ctx.timings["first-line"] = at
     ctx.timings["handoff"] = handoff if handoff is not None else 0.0
+    with contextlib.suppress(OSError):
+        # where the CPU goes from here to the switch (the timing line splits it)
+        ctx.timings["cpu:busy"], ctx.timings["cpu:idle"] = machine_cpu()
+        ctx.timings["cpu:agent"] = time.process_time()
     console.note(
         f"agent {version()} up at {at:.2f}s (kernel ran /init at {handoff:.2f}s)"
         if handoff is not None

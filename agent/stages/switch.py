@@ -16,9 +16,11 @@ import logging
 import os
 import stat
 import sys
+import time
 
 from seedboot.agent.console import uptime
 from seedboot.agent.errors import SeedError
+from seedboot.agent.procfs import cpu_seconds, machine_cpu
 from seedboot.agent.stages import Context
 from seedboot.agent.stages import syscalls as sc
 from seedboot.agent.stages.root import has_init, init_path
@@ -80,7 +82,28 @@ def timing_line(ctx: Context) -> str:
         f"timing: kernel ran /init at {handoff:.2f}s, agent's first line at {first:.2f}s, "
         f"switch at {now:.2f}s: agent {total:.2f}s, of which waiting for link, DHCP and mirror "
         f"probes {waits:.2f}s, block daemon start {ctx.timings.get('daemon-start', 0.0):.2f}s; "
-        f"overhead (all but the waits) {total - waits:.2f}s"
+        f"overhead (all but the waits) {total - waits:.2f}s{cpu_split(ctx)}"
+    )
+
+
+def cpu_split(ctx: Context) -> str:
+    """Who used the CPU from the agent's first line to now: under emulation the machine is
+    CPU-bound, so this says what the overhead above is made of."""
+    if "cpu:busy" not in ctx.timings:
+        return ""
+    try:
+        busy, idle = machine_cpu()
+        daemon = cpu_seconds(f"/proc/{ctx.daemon_pid}/stat") if ctx.daemon_pid else 0.0
+    except OSError:
+        return ""
+    t = os.times()
+    agent = time.process_time() - ctx.timings["cpu:agent"]
+    commands = t.children_user + t.children_system
+    rest = busy - ctx.timings["cpu:busy"] - agent - commands - daemon
+    return (
+        f"; CPU since the first line: agent {agent:.2f}s, its commands {commands:.2f}s, "
+        f"block daemon {daemon:.2f}s, kernel and the rest {max(rest, 0.0):.2f}s, "
+        f"idle {idle - ctx.timings['cpu:idle']:.2f}s"
     )
 
 
