@@ -205,3 +205,24 @@ def test_kernel_dm_verity_catches_a_flipped_byte(tmp_path: Path) -> None:
     assert bad["SEEDTEST-STATUS"].split()[-1] == "C"
     assert bad["SEEDTEST-AGENT-READ-ERRNO"] == "5" and "SEEDTEST-AGENT-SHA" not in bad
     assert bad["SEEDTEST-AGENT-STATUS"] == "C"
+
+
+def test_the_kernels_sha256_implementation_is_the_one_of_highest_priority(tmp_path: Path) -> None:
+    """What the root stage's line names: the driver dm-verity gets (the highest priority one
+    of the algorithm), as /proc/crypto lists them (excerpt of a Debian 6.1 guest's, with SSSE3)."""
+    from seedboot.agent.verity import cpu_flags, hash_driver
+
+    crypto = tmp_path / "crypto"
+    crypto.write_text(
+        "name         : sha256\ndriver       : sha256-ssse3\nmodule       : sha256_ssse3\n"
+        "priority     : 150\nrefcnt       : 1\nselftest     : passed\ninternal     : no\n"
+        "type         : shash\nblocksize    : 64\ndigestsize   : 32\n\n"
+        "name         : sha224\ndriver       : sha224-ssse3\nmodule       : sha256_ssse3\n"
+        "priority     : 300\ntype         : shash\n\n"
+        "name         : sha256\ndriver       : sha256-generic\nmodule       : kernel\n"
+        "priority     : 100\ntype         : shash\n\n"
+    )
+    assert hash_driver("sha256", str(crypto)) == "sha256-ssse3"
+    assert hash_driver("blake2b-256", str(crypto)) == ""
+    assert hash_driver("sha256", str(tmp_path / "absent")) == ""
+    assert "fpu" in cpu_flags()  # this host's own CPU
