@@ -20,7 +20,9 @@ first-read trace (``Recorder``) and the status snapshot.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -48,7 +50,12 @@ Deliver = Callable[[bytes | None, str], None]
 # has delivered the block it holds: this bounds the memory a fast mirror and a slow disk can
 # pile up. Each write waits for a syncfs (~5 ms here) that the writers waiting at that
 # moment share (cache.GroupSync): several writer threads make the groups.
-MAX_PENDING_WRITES = 12
+MAX_PENDING_WRITES = 24
+
+# Cache writes run at this nice value: no reader waits for them (it has its block before the
+# write starts), while under emulation the booting machine is CPU-bound and every write
+# (file, syncfs, rename) takes CPU from it.
+WRITE_NICE = 10
 
 # Decompressed blocks kept in memory for re-reads (a block is read in pieces, minutes apart:
 # keeping 12 meant 313 decompressions for the 254 blocks of a Debian boot, 48 mean 214), as
@@ -78,9 +85,10 @@ class Workers:
     costs a queue put and get: a ThreadPoolExecutor adds a Future (a condition variable
     and its lock) and a semaphore check per call, paid on every block read."""
 
-    def __init__(self, n: int, name: str) -> None:
+    def __init__(self, n: int, name: str, nice: int = 0) -> None:
         self.n = n
         self.name = name
+        self.nice = nice
         self.queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
@@ -99,6 +107,9 @@ class Workers:
                     t.start()
 
     def _run(self) -> None:
+        if self.nice:
+            with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         while True:
             with self.lock:
                 self.idle += 1
@@ -188,7 +199,7 @@ class BlockDevice:
         # verify and decompress, and two threads left the CPU idle waiting on the disk
         self.io_pool = Workers(io_threads, "cache-read")
         self.ahead_pool = Workers(io_threads, "cache-ahead")
-        self.write_pool = Workers(write_threads, "cache-write")
+        self.write_pool = Workers(write_threads, "cache-write", nice=WRITE_NICE)
         self.write_slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
         self.zero = bytes(index.block_size)
         self.started = time.monotonic()

@@ -104,6 +104,7 @@ class Fetcher:
         # finished transfers waiting for verification still hold their slot: when verifying
         # is the bottleneck, fetching slows down instead of piling up blocks in memory
         self.verifying = 0
+        self.to_verify: list[tuple[int, Job, Mirror, bytes]] = []  # (arrival, ...): _verify_next
         self.lock = threading.Lock()
         self.heap: list[tuple[int, int, Job]] = []
         self.seq = itertools.count()
@@ -152,12 +153,14 @@ class Fetcher:
         return job
 
     def raise_priority(self, job: Job, prio: int) -> None:
-        """A queued job someone now waits for: queue it again at the better priority (the
-        stale heap entry is skipped when popped)."""
+        """A job someone now waits for: if still queued, queue it again at the better priority
+        (the stale heap entry is skipped when popped); if fetched, its check goes first."""
         with self.lock:
-            if job.started or prio >= job.prio:
+            if prio >= job.prio:
                 return
             job.prio = prio
+            if job.started:
+                return  # on the wire, or waiting for its check, which goes by job.prio
             heapq.heappush(self.heap, (prio, next(self.seq), job))
         self._wake()
 
@@ -318,7 +321,20 @@ class Fetcher:
         else:
             with self.lock:
                 self.verifying += 1
-            self.verify_pool.submit(self._verify, t.job, t.mirror, data)
+                self.to_verify.append((next(self.seq), t.job, t.mirror, data))
+            self.verify_pool.submit(self._verify_next)
+
+    def _verify_next(self) -> None:
+        """Verify the waiting block whose job has the best priority now (a read before
+        read-ahead before prefetch; a prefetch a reader has since joined counts as a read).
+        In arrival order, a read's block queued behind every prefetched block that finished
+        before it: under emulation, one CPU, each check costs milliseconds. One task is
+        submitted per block, so each call takes exactly one."""
+        with self.lock:
+            waiting = self.to_verify
+            i = min(range(len(waiting)), key=lambda k: (waiting[k][1].prio, waiting[k][0]))
+            _, job, m, data = waiting.pop(i)
+        self._verify(job, m, data)
 
     def _verify(self, job: Job, m: Mirror, data: bytes) -> None:
         try:
