@@ -33,6 +33,10 @@ class Verity:
     data_block_size: int = VERITY_BLOCK
     hash_block_size: int = VERITY_BLOCK
     hash_type: int = 1
+    # The tree compressed (zstd) at ``NAME/verity/<tree>.zst``: its byte count, 0 if none was
+    # published. A tree is mostly the same hash over and over (a file system image is mostly
+    # zeros): 8.5 MB for a 1 GiB image, 1.8 MB compressed, fetched while the machine boots.
+    tree_zst_size: int = 0
 
 
 def _parse_verity(v: Any, what: str) -> Verity:
@@ -49,6 +53,7 @@ def _parse_verity(v: Any, what: str) -> Verity:
         data_block_size=_field(v, "data_block_size", int, what),
         hash_block_size=_field(v, "hash_block_size", int, what),
         hash_type=_field(v, "hash_type", int, what),
+        tree_zst_size=_field(v, "tree_zst_size", int, what) if "tree_zst_size" in v else 0,
     )
     ok = (
         out.hash == "sha256"
@@ -59,6 +64,7 @@ def _parse_verity(v: Any, what: str) -> Verity:
         and all(c in "0123456789abcdef" for c in out.salt)
         and len(out.salt) % 2 == 0
         and out.tree_size > 0
+        and out.tree_zst_size >= 0
         and out.data_blocks == -(-out.data_size // out.data_block_size)
     )
     if not ok:
@@ -85,6 +91,8 @@ class Metadata:
         d = asdict(self)
         if self.verity is None:
             del d["verity"]  # metadata without verity stays byte-identical to before the field
+        elif not self.verity.tree_zst_size:
+            del d["verity"]["tree_zst_size"]  # likewise a tree published without its .zst
         return (json.dumps(d, sort_keys=True, indent=1) + "\n").encode()
 
     def expires_str(self) -> str:

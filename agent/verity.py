@@ -85,7 +85,7 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
             f"the dm-verity tree of {name} is not in the cache and no mirror is reachable",
             "boot once online first, so the cache gets the tree",
         )
-    data = reader.get(tree_path(name, v.tree))
+    data = _fetch_compressed(name, v, reader) or reader.get(tree_path(name, v.tree))
     if len(data) != v.tree_size or hashlib.sha256(data).hexdigest() != v.tree:
         raise FormatError(
             f"dm-verity tree of {name} from {reader.location} does not match its signed digest",
@@ -93,6 +93,32 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
         )
     write_atomic(path, data)
     return path
+
+
+def _fetch_compressed(name: str, v: Verity, reader: Reader) -> bytes | None:
+    """The tree from its ``.zst`` when one was published; None (fetch the plain tree) if that
+    fails. Unsigned bytes, but what they decompress to is checked against the signed digest."""
+    if not v.tree_zst_size:
+        return None
+    path = tree_path(name, v.tree) + ".zst"
+    try:
+        return unpack_tree(reader.get(path), v)
+    except (SeedError, ValueError) as e:
+        log.warning("dm-verity tree %s from %s: %s; fetching the uncompressed tree", path, reader.location, e)
+        return None
+
+
+def unpack_tree(packed: bytes, v: Verity) -> bytes:
+    """The tree from its ``.zst`` (ValueError if it is not the signed size or does not
+    decompress); the caller checks the digest."""
+    import zstandard
+
+    if len(packed) != v.tree_zst_size:
+        raise ValueError(f"{len(packed)} bytes, the metadata says {v.tree_zst_size}")
+    try:
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=v.tree_size)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"does not decompress: {e}") from e
 
 
 @dataclass

@@ -208,12 +208,19 @@ def test_v2_reuses_blocks_and_v1_stays_valid(work: Path, tmp_path: Path) -> None
     assert run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub").returncode == 0
     # The dm-verity tree (published by default) of the dropped version went too; a damaged
     # tree of the kept one is reported like a bad block.
-    (tree,) = (mirror / "demo" / "verity").iterdir()
+    tree, packed = sorted((mirror / "demo" / "verity").iterdir())
+    assert packed.name == f"{tree.name}.zst"
     damaged = bytearray(tree.read_bytes())
     damaged[0] ^= 1
     tree.write_bytes(bytes(damaged))
     r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
     assert r.returncode == 1 and f"dm-verity tree {tree.name}" in r.stderr and str(tree) in r.stderr
+    # So is a truncated copy of its compressed form, which booting agents fetch.
+    damaged[0] ^= 1
+    tree.write_bytes(bytes(damaged))
+    packed.write_bytes(packed.read_bytes()[:-1])
+    r = run_cli("verify", "--mirror", mirror, "--name", "demo", "--pubkey", work / "k.pub")
+    assert r.returncode == 1 and str(packed) in r.stderr and "the metadata says" in r.stderr, r.stderr
 
 
 def test_gc_keeps_every_referenced_block(work: Path, published: Path, tmp_path: Path) -> None:

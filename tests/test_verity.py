@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -117,7 +118,9 @@ def test_metadata_verity_field_is_validated(work: Path, tmp_path: Path) -> None:
     assert b"verity" not in plain.to_json()
 
 
-def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> None:  # type: ignore[no-untyped-def]
+def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
+    work: Path, tmp_path: Path, nginx, caplog: pytest.LogCaptureFixture
+) -> None:
     mirror, cache = tmp_path / "m", tmp_path / "cache"
     key = keys.load_secret_key(work / "k.key")
     publish.publish(work / "root.ext4", mirror, "demo", key, verity=True)
@@ -126,9 +129,28 @@ def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> Non
     rel = release.open_release(reader, "demo", [key.public_key])
     v = rel.meta.verity
     assert v is not None
+    # The tree is published compressed too (its size signed): that is what the agent fetches.
+    plain_tree = mirror / averity.tree_path("demo", v.tree)
+    packed = plain_tree.with_name(plain_tree.name + ".zst")
+    assert 0 < v.tree_zst_size == packed.stat().st_size < v.tree_size
+    plain_tree.rename(tmp_path / "aside")
     path = averity.fetch_tree("demo", v, cache, reader)
     assert path == cache / averity.tree_path("demo", v.tree)
     assert tverity.verify(work / "root.ext4", path, v)
+    (tmp_path / "aside").rename(plain_tree)
+    # A damaged .zst: the agent says so and takes the uncompressed tree instead.
+    good = packed.read_bytes()
+    packed.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    path.unlink()
+    with caplog.at_level(logging.WARNING):
+        averity.fetch_tree("demo", v, cache, reader)
+    assert "fetching the uncompressed tree" in caplog.text
+    assert tverity.verify(work / "root.ext4", path, v)
+    packed.write_bytes(good)
+    # gc keeps both forms of a kept version's tree.
+    r = subprocess.run([SEEDBOOT, "gc", "--mirror", str(mirror)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert plain_tree.exists() and packed.exists()
     # Offline, the cached tree serves; a damaged cached tree is fetched again.
     assert averity.fetch_tree("demo", v, cache, None) == path
     flip(path, 10)
@@ -136,6 +158,7 @@ def test_agent_fetches_and_checks_tree(work: Path, tmp_path: Path, nginx) -> Non
     assert tverity.verify(work / "root.ext4", path, v)
     # A tampered tree on the mirror is refused before the kernel ever sees it.
     flip(mirror / averity.tree_path("demo", v.tree), 10)
+    packed.unlink()  # (as on a mirror published before the .zst)
     path.unlink()
     with pytest.raises(FormatError, match="does not match its signed digest"):
         averity.fetch_tree("demo", v, cache, reader)

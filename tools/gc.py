@@ -64,7 +64,7 @@ def plan(mirror: Path, keep: int | None) -> GcPlan:
             if v.meta.profile:
                 kept_profiles.add(v.meta.profile)
             if v.meta.verity is not None:
-                kept_verity.add(v.meta.verity.tree)
+                kept_verity |= {v.meta.verity.tree, f"{v.meta.verity.tree}.zst"}
             referenced |= {d.hex() for d in v.digests()}
         # Index, profile and dm-verity files of dropped versions, and any a dead publish left.
         for sub, keepset in (("index", kept_index), ("profiles", kept_profiles), ("verity", kept_verity)):

@@ -134,6 +134,17 @@ def verify_release(
                 )
         except SeedError as e:
             report.problems.append(f"dm-verity tree: {e.message}")
+        if meta.verity.tree_zst_size:
+            zpath = vpath + ".zst"
+            try:
+                unpacked = averity.unpack_tree(reader.get(zpath), meta.verity)
+                if hashlib.sha256(unpacked).hexdigest() != meta.verity.tree:
+                    report.problems.append(
+                        f"dm-verity tree {meta.verity.tree}.zst: does not decompress to the signed tree: "
+                        f"{file_of(location, zpath)}"
+                    )
+            except (SeedError, ValueError) as e:
+                report.problems.append(f"dm-verity tree {file_of(location, zpath)}: {e}")
     refs = distinct_blocks(rel.index)
     bound = max_stored_len(rel.index.block_size)
     seen_bytes, total_bytes = 0, sum(r.stored_len for r in refs.values())

@@ -26,6 +26,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import zstandard
+
 from seedboot.agent import metadata, verity
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.errors import SeedError
@@ -33,6 +35,7 @@ from seedboot.agent.errors import SeedError
 log = logging.getLogger(__name__)
 
 HASH_BLOCK = metadata.VERITY_BLOCK
+TREE_LEVEL = 3  # the 8.5 MB tree of the benchmark image: 1.78 MB at level 3, 1.80 at 9, 1.78 at 19
 
 
 def fs_block_size(image: Path) -> int:
@@ -102,6 +105,12 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
     path = mirror / verity.tree_path(name, digest)
     if not path.exists() or path.stat().st_size != len(tree):
         write_atomic(path, tree, sync=False)
+    # The compressed copy is what booting agents fetch; the plain tree stays for veritysetup
+    # and for agents from before the .zst.
+    packed = zstandard.ZstdCompressor(level=TREE_LEVEL).compress(tree)
+    zst = path.with_name(path.name + ".zst")
+    if not zst.exists() or zst.stat().st_size != len(packed):
+        write_atomic(zst, packed, sync=False)
     log.info(
         "dm-verity tree of %s: root %s, %d data blocks, tree %d bytes", image, root_hash, blocks, len(tree)
     )
@@ -114,6 +123,7 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
         data_size=size,
         data_block_size=block,
         hash_block_size=HASH_BLOCK,
+        tree_zst_size=len(packed),
     )
 
 
