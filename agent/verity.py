@@ -96,13 +96,16 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
 
 
 def _fetch_compressed(name: str, v: Verity, reader: Reader) -> bytes | None:
-    """The tree from its ``.zst`` when one was published; None (fetch the plain tree) if that
-    fails. Unsigned bytes, but what they decompress to is checked against the signed digest."""
+    """The tree from its ``.zst`` when one was published, checked against the signed digest;
+    None (fetch the plain tree) if any of that fails."""
     if not v.tree_zst_size:
         return None
     path = tree_path(name, v.tree) + ".zst"
     try:
-        return unpack_tree(reader.get(path), v)
+        data = unpack_tree(reader.get(path), v)
+        if hashlib.sha256(data).hexdigest() != v.tree:
+            raise ValueError("does not decompress to the signed tree")
+        return data
     except (SeedError, ValueError) as e:
         log.warning("dm-verity tree %s from %s: %s; fetching the uncompressed tree", path, reader.location, e)
         return None

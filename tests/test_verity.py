@@ -7,6 +7,7 @@ and parameters as the kernel's dm-verity target) checks what the publisher signe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from seedboot.agent import metadata, release, signature
 from seedboot.agent import verity as averity
@@ -145,6 +147,15 @@ def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
     with caplog.at_level(logging.WARNING):
         averity.fetch_tree("demo", v, cache, reader)
     assert "fetching the uncompressed tree" in caplog.text
+    assert tverity.verify(work / "root.ext4", path, v)
+    # One that decompresses to the signed size but to other bytes: the same.
+    packed.write_bytes(zstandard.ZstdCompressor().compress(bytes(v.tree_size)))
+    v = dataclasses.replace(v, tree_zst_size=packed.stat().st_size)
+    path.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        averity.fetch_tree("demo", v, cache, reader)
+    assert "does not decompress to the signed tree" in caplog.text
     assert tverity.verify(work / "root.ext4", path, v)
     packed.write_bytes(good)
     # gc keeps both forms of a kept version's tree.
