@@ -18,7 +18,6 @@ emulation; walking all of /sys/devices costs 0.8 s there, the bus directories 0.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
@@ -81,10 +80,21 @@ def _read_aliases(paths: Iterable[str]) -> set[str]:
 
 
 def modaliases_bus(root: str = "/sys") -> set[str]:
-    """The ``modalias`` of every device on a bus, and of the CPUs (their features pick drivers)."""
-    return _read_aliases(
-        [*glob.glob(f"{root}/bus/*/devices/*/modalias"), f"{root}/devices/system/cpu/modalias"]
-    )
+    """The ``modalias`` of every device on a bus, and of the CPUs (their features pick drivers).
+    Two directory listings per bus, no pattern matching: glob's took 0.19 of PID 1's 1.5 s of
+    CPU (profiled) in the three coldplug rounds of a boot under emulation."""
+    paths = [f"{root}/devices/system/cpu/modalias"]
+    try:
+        buses = os.listdir(f"{root}/bus")
+    except OSError:
+        buses = []
+    for bus in buses:
+        devices = f"{root}/bus/{bus}/devices"
+        try:
+            paths += [f"{devices}/{d}/modalias" for d in os.listdir(devices)]
+        except OSError:
+            continue
+    return _read_aliases(paths)
 
 
 def modaliases_sysfs(root: str = "/sys/devices") -> set[str]:
