@@ -83,12 +83,22 @@ def miniroot_sources() -> list[Path]:
     )
 
 
+def publish_sources() -> list[Path]:
+    """What the mirror tree is made by: a change here means publishing again (a new file in the
+    tree, such as the dm-verity tree's .zst, or a new metadata field)."""
+    repo = Path(__file__).resolve().parent.parent
+    tools = [repo / "tools" / n for n in ("publish.py", "publish_cmd.py", "verity.py")]
+    agent = [repo / "agent" / n for n in ("metadata.py", "index.py", "blocks.py", "layout.py")]
+    return [p for p in tools + agent if p.exists()]
+
+
 def mirror_dir(build: Path) -> Path:
     return build / "seedboot" / "mirror"
 
 
 def prepare(work: Workload, build: Path) -> Setup:
-    """Publish the image (once per image) and build the miniroot (once per source change)."""
+    """Publish the image (once per image and publisher change) and build the miniroot (once per
+    source change)."""
     d = build / "seedboot"
     d.mkdir(parents=True, exist_ok=True)
     key, pub = d / "bench.key", d / "bench.pub"
@@ -96,7 +106,7 @@ def prepare(work: Workload, build: Path) -> Setup:
         seedboot("keygen", "--out", str(d / "bench"))
     mirror = mirror_dir(build)
     stamp = d / "published"
-    if not _newer(stamp, work.image, key):
+    if not _newer(stamp, work.image, key, *publish_sources()):
         if mirror.exists():
             shutil.rmtree(mirror)
         seedboot("publish", str(work.image), "--mirror", str(mirror), "--name", NAME, "--key", str(key))
