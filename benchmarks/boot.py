@@ -92,6 +92,7 @@ class Run:
     read_bytes: int = 0
     read_ops: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # seedboot_runs.cpu_split
     trace: list[tuple[float, int, int]] = field(default_factory=list)
     error: str = ""
 
@@ -246,6 +247,7 @@ class Bench:
             read_bytes=b.read_bytes,
             read_ops=b.read_ops,
             stages=seedboot_runs.stages(b.lines, b.seconds) or baseline_stages(b),
+            cpu=seedboot_runs.cpu_split(b.lines),
             trace=proxy.trace if proxy else [],
             error=error,
         )
@@ -373,6 +375,9 @@ def stage_lines(rows: list[Row]) -> list[str]:
         if run and run.stages:
             split = ", ".join(f"{k} {v:.1f}" for k, v in run.stages.items())
             lines.append(f"  ({row.config.key}) {split}")
+        if run and run.cpu:
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items())
+            lines.append(f"      CPU from the agent's first line to the switch: {cpu}")
     head = "Where the time goes, seconds (median run; 'os' is switch_root to the marker):"
     return ["", head, *lines] if lines else []
 

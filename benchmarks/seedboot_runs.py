@@ -31,6 +31,12 @@ STAGE_LINE = re.compile(r"seedboot: (\w+)\s+ok\s+([\d.]+)s")
 AGENT_UP = re.compile(r"\[\s*([\d.]+)s\] seedboot: agent \S+ up\b")
 AGENT_READY = re.compile(r"(?:up|ready) at ([\d.]+)s")
 AGENT_INIT = re.compile(r"init at ([\d.]+)s")
+# The timing line's split of the CPU from the agent's first line to the switch (agent/stages/switch.py)
+CPU_SPLIT = re.compile(
+    r"CPU since the first line: agent ([\d.]+)s, its commands ([\d.]+)s, block daemon ([\d.]+)s, "
+    r"kernel and the rest ([\d.]+)s, idle ([\d.]+)s"
+)
+CPU_KEYS = ("agent", "commands", "daemon", "kernel", "idle")
 
 
 def seedboot(*args: str) -> str:
@@ -183,6 +189,16 @@ def publish_profile(setup: Setup, traces: list[Path], image: Path) -> None:
         str(profile),
     )
     setup.has_profile = True
+
+
+def cpu_split(lines: list[tuple[float, str]]) -> dict[str, float]:
+    """Who used the CPU from the agent's first line to the switch, in seconds, from its timing
+    line: agent, commands (mostly modprobe), daemon, kernel, idle; empty without that line."""
+    for _t, line in lines:
+        m = CPU_SPLIT.search(line)
+        if m:
+            return dict(zip(CPU_KEYS, map(float, m.groups()), strict=True))
+    return {}
 
 
 def stages(lines: list[tuple[float, str]], marker_at: float | None) -> dict[str, float]:

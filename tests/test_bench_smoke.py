@@ -68,3 +68,20 @@ def test_stage_split_from_agent_lines() -> None:
         }
     )
     assert seedboot_runs.stages([(1.0, "no agent here")], 5.0) == {}
+
+
+def test_cpu_split_from_the_timing_line() -> None:
+    line = (
+        "[   7.91s] seedboot: timing: kernel ran /init at 2.02s, agent's first line at 2.67s, switch "
+        "at 7.88s: agent 5.86s, of which waiting for link, DHCP and mirror probes 0.32s, block daemon "
+        "start 1.09s; overhead (all but the waits) 5.54s; CPU since the first line: agent 1.45s, its "
+        "commands 0.84s, block daemon 2.37s, kernel and the rest 0.30s, idle 0.00s"
+    )
+    assert seedboot_runs.cpu_split([(1.0, "SeaBIOS"), (10.8, line)]) == {
+        "agent": 1.45,
+        "commands": 0.84,
+        "daemon": 2.37,
+        "kernel": 0.30,
+        "idle": 0.0,
+    }
+    assert seedboot_runs.cpu_split([(1.0, "no agent here")]) == {}
