@@ -422,10 +422,12 @@ class BlockDevice:
             c = vars(self.counters).copy()
             pending = len(self.pending)
             memory = len(self.plain)
+            writing = len(self.writing)
         use = self.cache.use()
         return {
             "counters": c,
             "pending": pending,
+            "writing": writing,  # fetched blocks not yet in the cache (their writes run at low priority)
             "memory_blocks": memory,
             "memory_limit": self.memory_limit,
             "throughput_current": self.throughput.current(),

@@ -278,7 +278,10 @@ def format_status(s: dict[str, Any]) -> str:
         if cu["limit"]
         else f"filesystem {cu['fs_used'] * 100 // max(cu['fs_total'], 1)}% used"
     )
-    lines.append(f"cache     {cu['blocks']} blocks, {_mb(cu['bytes'])} ({limit}), {cu['evicted']} evicted")
+    writing = f", {s['writing']} being written" if s.get("writing") else ""
+    lines.append(
+        f"cache     {cu['blocks']} blocks, {_mb(cu['bytes'])} ({limit}), {cu['evicted']} evicted{writing}"
+    )
     cpu = s["cpu"]
     threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu["threads"].items(), key=lambda kv: -kv[1]))
     start = f"{cpu['to_start']:.2f} s of it to start"

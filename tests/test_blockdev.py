@@ -87,12 +87,22 @@ class Mount:
     def wait_prefetch(self, timeout: float = 120) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            pf = self.status()["prefetch"]
+            st = self.status()
+            pf = st["prefetch"]
             assert isinstance(pf, dict)
-            if pf.get("complete"):
+            # complete, and its last blocks written (cache writes run at low priority)
+            if pf.get("complete") and not st["writing"]:
                 return pf
             time.sleep(0.2)
         raise AssertionError(f"prefetch not complete after {timeout}s: {self.status()}")
+
+    def wait_writes(self, timeout: float = 30) -> dict[str, object]:
+        """The status once no fetched block waits for its cache write (they run at low priority)."""
+        deadline = time.monotonic() + timeout
+        while (st := self.status())["writing"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert st["writing"] == 0, f"cache writes still running after {timeout} s"
+        return st
 
 
 class Rig:
@@ -459,7 +469,7 @@ def test_cache_limit_smaller_than_image(published: Published, nginx: Callable[..
     m = rig.mount([srv.url], cache, "--prefetch", "off", "--cache-max", "3M", pub=published.pub)
     _, _, merged = rig.ext4_overlay(m)
     assert tree_digests(merged) == published.digests
-    st = m.status()
+    st = m.wait_writes()
     cu = st["cache"]
     assert isinstance(cu, dict) and cu["evicted"] > 0
     assert cu["bytes"] <= limit + 2 * 256 * 1024
