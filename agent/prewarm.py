@@ -41,10 +41,10 @@ class Child:
     pid: int
     returncode: int | None = None
 
-    def poll(self) -> int | None:
+    def _reap(self, flags: int) -> int | None:
         if self.returncode is None:
             try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                pid, status = os.waitpid(self.pid, flags)
             except ChildProcessError:  # reaped by someone else: gone all the same
                 self.returncode = -1
             else:
@@ -52,15 +52,13 @@ class Child:
                     self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
     def wait(self) -> int:
-        while self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                self.returncode = -1
-            else:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        while (code := self._reap(0)) is None:
+            pass
+        return code
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -49,6 +49,11 @@ def tree_path(name: str, digest: str) -> str:
     return f"{name}/verity/{digest}"
 
 
+def packed_tree_path(name: str, digest: str) -> str:
+    """Where the tree's zstd copy lives, beside it (``Verity.tree_zst_size`` says if there is one)."""
+    return tree_path(name, digest) + ".zst"
+
+
 def veritysetup_args(v: Verity) -> list[str]:
     """The parameters as ``veritysetup verify/open`` options (for tools and tests)."""
     return [
@@ -70,12 +75,16 @@ def table(v: Verity, data_dev: str, hash_dev: str) -> str:
     )
 
 
+def is_tree(data: bytes, v: Verity) -> bool:
+    """True if DATA is the hash tree the metadata signed (its size and SHA-256)."""
+    return len(data) == v.tree_size and hashlib.sha256(data).hexdigest() == v.tree
+
+
 def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path:
     """The verified hash tree on the cache: the cached copy if it matches, else fetched."""
     path = cache / tree_path(name, v.tree)
     try:
-        data = path.read_bytes()
-        if len(data) == v.tree_size and hashlib.sha256(data).hexdigest() == v.tree:
+        if is_tree(path.read_bytes(), v):
             return path
         log.warning("cached dm-verity tree %s is damaged; fetching it again", path)
     except FileNotFoundError:
@@ -85,43 +94,45 @@ def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path
             f"the dm-verity tree of {name} is not in the cache and no mirror is reachable",
             "boot once online first, so the cache gets the tree",
         )
-    data = _fetch_compressed(name, v, reader) or reader.get(tree_path(name, v.tree))
-    if len(data) != v.tree_size or hashlib.sha256(data).hexdigest() != v.tree:
-        raise FormatError(
-            f"dm-verity tree of {name} from {reader.location} does not match its signed digest",
-            "the mirror is corrupt or tampered with; try another mirror",
-        )
+    data = _fetch_compressed(name, v, reader)  # verified already
+    if data is None:
+        data = reader.get(tree_path(name, v.tree))
+        if not is_tree(data, v):
+            raise FormatError(
+                f"dm-verity tree of {name} from {reader.location} does not match its signed digest",
+                "the mirror is corrupt or tampered with; try another mirror",
+            )
     write_atomic(path, data)
     return path
 
 
 def _fetch_compressed(name: str, v: Verity, reader: Reader) -> bytes | None:
-    """The tree from its ``.zst`` when one was published, checked against the signed digest;
-    None (fetch the plain tree) if any of that fails."""
+    """The verified tree from its ``.zst`` when one was published; None (fetch the plain tree)
+    if any of that fails."""
     if not v.tree_zst_size:
         return None
-    path = tree_path(name, v.tree) + ".zst"
+    path = packed_tree_path(name, v.tree)
     try:
-        data = unpack_tree(reader.get(path), v)
-        if hashlib.sha256(data).hexdigest() != v.tree:
-            raise ValueError("does not decompress to the signed tree")
-        return data
+        return unpack_tree(reader.get(path), v)
     except (SeedError, ValueError) as e:
         log.warning("dm-verity tree %s from %s: %s; fetching the uncompressed tree", path, reader.location, e)
         return None
 
 
 def unpack_tree(packed: bytes, v: Verity) -> bytes:
-    """The tree from its ``.zst`` (ValueError if it is not the signed size or does not
-    decompress); the caller checks the digest."""
+    """The signed tree from its ``.zst``; ValueError if the ``.zst`` is not the signed size,
+    does not decompress, or decompresses to anything but the signed tree."""
     import zstandard
 
     if len(packed) != v.tree_zst_size:
         raise ValueError(f"{len(packed)} bytes, the metadata says {v.tree_zst_size}")
     try:
-        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=v.tree_size)
+        data = zstandard.ZstdDecompressor().decompress(packed, max_output_size=v.tree_size)
     except zstandard.ZstdError as e:
         raise ValueError(f"does not decompress: {e}") from e
+    if not is_tree(data, v):
+        raise ValueError("does not decompress to the signed tree")
+    return data
 
 
 @dataclass

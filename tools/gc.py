@@ -18,6 +18,7 @@ from pathlib import Path
 
 from seedboot.agent import layout
 from seedboot.agent.errors import SeedError
+from seedboot.agent.verity import packed_tree_path
 from seedboot.tools import mirrortree
 from seedboot.tools.publish import lock_mirror, syncfs
 
@@ -64,7 +65,8 @@ def plan(mirror: Path, keep: int | None) -> GcPlan:
             if v.meta.profile:
                 kept_profiles.add(v.meta.profile)
             if v.meta.verity is not None:
-                kept_verity |= {v.meta.verity.tree, f"{v.meta.verity.tree}.zst"}
+                tree = v.meta.verity.tree
+                kept_verity |= {tree, Path(packed_tree_path(name, tree)).name}
             referenced |= {d.hex() for d in v.digests()}
         # Index, profile and dm-verity files of dropped versions, and any a dead publish left.
         for sub, keepset in (("index", kept_index), ("profiles", kept_profiles), ("verity", kept_verity)):

@@ -108,7 +108,7 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
     # The compressed copy is what booting agents fetch; the plain tree stays for veritysetup
     # and for agents from before the .zst.
     packed = zstandard.ZstdCompressor(level=TREE_LEVEL).compress(tree)
-    zst = path.with_name(path.name + ".zst")
+    zst = mirror / verity.packed_tree_path(name, digest)
     if not zst.exists() or zst.stat().st_size != len(packed):
         write_atomic(zst, packed, sync=False)
     log.info(
