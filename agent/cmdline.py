@@ -14,6 +14,8 @@ boot online.
     seed.offline                  use only what the cache holds
     seed.prefetch=profile|all|off download-ahead
     seed.conns=N                  parallel HTTP transfers (1..256)
+    seed.copy=on|off              keep the blocks read, decompressed, on the cache partition and
+                                  read them from there next boot, under dm-verity (default on)
     seed.record                   save the block access trace of this boot on the cache
     seed.rescue=shell|reboot      what a failed boot ends in
     seed.debug                    log every decision on the console
@@ -43,6 +45,7 @@ DEFAULT_CACHE = "LABEL=KNXBLOCK"
 OVERLAYS = ("tmpfs", "persist")
 PREFETCHES = ("profile", "all", "off")
 RESCUES = ("shell", "reboot")
+COPIES = ("on", "off")
 MAX_CONNS = 256
 # Flags take no value; "seed.offline=1" is accepted too (GRUB menus often write it so).
 _FLAGS = ("seed.offline", "seed.record", "seed.debug")
@@ -55,6 +58,7 @@ _VALUED = (
     "seed.prefetch",
     "seed.conns",
     "seed.rescue",
+    "seed.copy",
     "rd.seed.break",
 )
 
@@ -95,6 +99,7 @@ class Cmdline:
     conns: int | None = None
     record: bool = False
     rescue: str = "shell"
+    copy: bool = True
     debug: bool = False
     break_before: str | None = None
     ip: IpConfig = field(default_factory=lambda: IpConfig("dhcp"))
@@ -280,6 +285,7 @@ def parse(text: str) -> Cmdline:
         conns=_conns(s("seed.conns") or "") if "seed.conns" in values else None,
         record=bool(values.get("seed.record", False)),
         rescue=_choice("seed.rescue", s("seed.rescue") or "shell", RESCUES),
+        copy=_choice("seed.copy", s("seed.copy") or "on", COPIES) == "on",
         debug=bool(values.get("seed.debug", False)),
         break_before=s("rd.seed.break"),
         ip=ip if isinstance(ip, IpConfig) else IpConfig("dhcp"),

@@ -37,6 +37,7 @@ from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import Fetcher
+from seedboot.agent.localcopy import LocalCopy
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
@@ -268,6 +269,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     stop_trim = _bound_memory(dev.fit_memory)
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
+    copy = LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index) if opts.local_copy else None
     prefetcher: Prefetcher | None = None
     if fetcher is None:
         log.info("prefetch off: offline")
@@ -298,10 +300,11 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
             "fetcher": vars(fetcher.snapshot()) if fetcher else None,
             "cpu": {"total": round(time.process_time(), 2), "to_start": cpu_ready, "threads": _thread_cpu()},
             **dev.status(),
+            "copy": copy.status() if copy else None,
         }
         return (json.dumps(s, indent=1) + "\n").encode()
 
-    fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder)
+    fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder, copy)
     options = set(pyfuse3.default_options) | {f"fsname=seedboot:{rel.meta.name}", "ro", "allow_other"}
     _protect()
     try:
@@ -347,6 +350,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if fetcher is not None:
             fetcher.stop()
         dev.close()
+        if copy is not None:
+            copy.close()
         stop_trim.set()
         pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)
     return 0

@@ -79,14 +79,26 @@ def _devnum(dev: int) -> tuple[int, int]:
 
 def create(name: str, target: str, length: int, params: str, readonly: bool = True) -> str:
     """One-target device NAME of ``length`` sectors; returns its node (``/dev/dm-N``)."""
+    return create_table(name, [(0, length, target, params)], readonly)
+
+
+Target = tuple[int, int, str, str]  # start sector, length in sectors, target type, parameters
+
+
+def create_table(name: str, targets: list[Target], readonly: bool = True) -> str:
+    """Device NAME made of ``targets`` (contiguous, in order); returns its node (``/dev/dm-N``)."""
     out = _ioctl(DEV_CREATE, bytearray(Header(name).pack()), f"create {name}")
     dev = _HDR.unpack_from(out)[10]
     try:
-        body = params.encode() + b"\0"
-        body += bytes(-(_SPEC.size + len(body)) % 8)
-        spec = _SPEC.pack(0, length, 0, _SPEC.size + len(body), target.encode())
-        hdr = Header(name, READONLY_FLAG if readonly else 0, 1, data_size=_HDR.size + len(spec) + len(body))
-        _ioctl(TABLE_LOAD, bytearray(hdr.pack() + spec + body), f"load {target} table into {name}")
+        specs = []
+        for start, length, ttype, params in targets:
+            body = params.encode() + b"\0"
+            body += bytes(-(_SPEC.size + len(body)) % 8)
+            specs.append(_SPEC.pack(start, length, 0, _SPEC.size + len(body), ttype.encode()) + body)
+        table = b"".join(specs)
+        hdr = Header(name, READONLY_FLAG if readonly else 0, len(specs), data_size=_HDR.size + len(table))
+        kinds = "/".join(sorted({t[2] for t in targets}))
+        _ioctl(TABLE_LOAD, bytearray(hdr.pack() + table), f"load {kinds} table into {name}")
         _ioctl(DEV_SUSPEND, bytearray(Header(name).pack()), f"resume {name}")
     except OSError:
         remove(name)
@@ -97,7 +109,9 @@ def create(name: str, target: str, length: int, params: str, readonly: bool = Tr
         if os.path.exists(node):
             break
         time.sleep(0.02)
-    log.info("device-mapper %s: %s (%d:%d), %s %d sectors", name, node, major, minor, target, length)
+    total = sum(t[1] for t in targets)
+    log.info("device-mapper %s: %s (%d:%d), %d %s target(s), %d sectors", name, node, major, minor,
+             len(targets), kinds, total)  # fmt: skip
     return node
 
 

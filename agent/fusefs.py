@@ -19,6 +19,7 @@ from typing import Any
 
 from seedboot.agent.blockdev import BlockDevice, ReadAhead, Recorder
 from seedboot.agent.fetcher import DEMAND
+from seedboot.agent.localcopy import LocalCopy
 from seedboot.agent.pyfuse import pyfuse3
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class SeedFS(pyfuse3.Operations):
         mtime_ns: int,
         readahead: ReadAhead | None = None,
         recorder: Recorder | None = None,
+        copy: LocalCopy | None = None,
     ) -> None:
         super().__init__()
         self.dev = dev
@@ -55,6 +57,7 @@ class SeedFS(pyfuse3.Operations):
         self.mtime_ns = mtime_ns
         self.readahead = readahead
         self.recorder = recorder
+        self.copy = copy
         self.size = dev.index.image_size
         self.bs = dev.index.block_size
         self.status_files: dict[int, bytes] = {}
@@ -152,6 +155,8 @@ class SeedFS(pyfuse3.Operations):
             if self.readahead is not None:
                 self.readahead.note(first, last)
             plain = w.plain if w.plain is not None else await self._wait(first, w)
+            if self.copy is not None:
+                self.copy.add(first, plain)
             base = first * self.bs
             # pyfuse3 takes any buffer: a view saves copying (and faulting in) every reply
             return memoryview(plain)[off - base : end - base]
@@ -173,6 +178,8 @@ class SeedFS(pyfuse3.Operations):
         view = memoryview(self.reply)
         pos = 0
         for b, plain in zip(range(first, last + 1), plains, strict=True):
+            if self.copy is not None:
+                self.copy.add(b, plain)
             base = b * self.bs
             lo, hi = max(off - base, 0), min(end - base, len(plain))
             view[pos : pos + hi - lo] = memoryview(plain)[lo:hi]

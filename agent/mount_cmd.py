@@ -89,6 +89,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--expiry-tolerance", type=int, default=0, metavar="SECONDS", help="accept expired metadata"
     )
+    p.add_argument(
+        "--local-copy",
+        action="store_true",
+        help="also keep the blocks read, decompressed, in CACHE/NAME/copy/<index>.img "
+        "(the miniroot maps them under dm-verity on the next boot)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.set_defaults(func=run_mount)
@@ -135,6 +141,7 @@ def _options(args: argparse.Namespace) -> Any:
         expiry_tolerance=args.expiry_tolerance,
         log=args.log.absolute() if args.log else None,
         argv0=args.argv0,
+        local_copy=args.local_copy,
     )
 
 
@@ -285,6 +292,13 @@ def format_status(s: dict[str, Any]) -> str:
     cpu = s["cpu"]
     threads = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu["threads"].items(), key=lambda kv: -kv[1]))
     start = f"{cpu['to_start']:.2f} s of it to start"
+    cp = s.get("copy")
+    if cp:
+        stop = f"; stopped: {cp['stopped']}" if cp["stopped"] else ""
+        stop = stop or ("" if cp.get("room", True) else "; paused: the cache file system is short of room")
+        lines.append(
+            f"copy      {cp['blocks']} of {s['nblocks']} blocks in {cp['path']}, {cp['queued']} queued{stop}"
+        )
     lines.append(f"cpu       {cpu['total']:.2f} s ({start}); threads: {threads}")
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ class MountOptions:
     expiry_tolerance: int = 0
     log: Path | None = None
     argv0: str | None = None
+    local_copy: bool = False
 
     def to_argv(self) -> list[str]:
         """The mount subcommand's arguments that reproduce these options."""
@@ -54,4 +55,6 @@ class MountOptions:
             a += ["--log", str(self.log)]
         if self.argv0 is not None:
             a += ["--argv0", self.argv0]
+        if self.local_copy:
+            a.append("--local-copy")
         return [*a, str(self.mountpoint)]

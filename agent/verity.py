@@ -268,6 +268,15 @@ def available() -> str:
     return ""
 
 
+def unavailable(v: Verity, data_dev: str) -> str:
+    """Why dm-verity cannot be set up over ``data_dev`` here, or "" if it can."""
+    why = available()
+    if not why and device_size(data_dev) < v.data_blocks * v.data_block_size:
+        # The image is not a whole number of verity blocks; the block device shows it as is.
+        why = f"the image is not a multiple of {v.data_block_size} bytes"
+    return why
+
+
 def protect(
     v: Verity | None,
     data_dev: str,
@@ -282,10 +291,7 @@ def protect(
     ``fetched`` is the tree's fetch (``fetch_tree_in_background``), started when V is published."""
     if v is None:
         return data_dev, "no dm-verity tree published (agent block checks only)"
-    why = available()
-    if not why and device_size(data_dev) < v.data_blocks * v.data_block_size:
-        # The image is not a whole number of verity blocks; the block device shows it as is.
-        why = f"the image is not a multiple of {v.data_block_size} bytes"
+    why = unavailable(v, data_dev)
     if why:
         log.warning("dm-verity not set up: %s", why)
         return data_dev, f"dm-verity not set up: {why} (agent block checks only)"

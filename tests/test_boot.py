@@ -67,7 +67,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     initrd = artifacts.initramfs([pub])
     image = artifacts.demo_root(size_mb=48, data_mb=16)
     mirror = work / "mirror"
-    publish.publish(image, mirror, "demo", keys.load_secret_key(key), version=1)
+    # with dm-verity, as the publish command does by default (the local copy needs it)
+    publish.publish(image, mirror, "demo", keys.load_secret_key(key), version=1, verity=True)
     nginx = Nginx(root=mirror, workdir=work / "nginx").start()
     yield Setup(work, mirror, nginx, kernel, initrd, key, image)
     nginx.stop()
@@ -137,7 +138,13 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert "eth0 10.0.2.15/24 via DHCP" in stage_line(console, "network")
     assert "LABEL=KNXBLOCK" in stage_line(console, "cache")
     assert "demo v1 verified from http://10.0.2.2" in stage_line(console, "trust")
+    # the root is mounted before much is read: little or nothing is in the local copy yet
+    first_copy = re.search(
+        r"; (\d+) of \d+ blocks \(\d+ MiB\) from the local copy", stage_line(console, "root")
+    )
+    first_copied = int(first_copy.group(1)) if first_copy else 0
     blockdev = stage_line(console, "blockdev")
+    assert "keeping a local copy" in blockdev
     pid = re.search(r"served by pid (\d+) \(@seedboot-blockdev, forked early\)", blockdev)
     assert pid, blockdev
     # the booted OS sees the daemon as a storage daemon (argv[0] "@..."), which systemd spares
@@ -171,14 +178,19 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert "skipped: seed.offline" in stage_line(console, "network")
     assert "demo v1 verified from the cache" in stage_line(console, "trust")
     assert "offline" in stage_line(console, "blockdev")
-    assert "overlay persistent on /knxblock/overlay/demo" in stage_line(console, "root")
+    root = stage_line(console, "root")
+    assert "overlay persistent on /knxblock/overlay/demo" in root
+    # what the first boot read comes from the local copy, under dm-verity; the rest (the demo
+    # init's large file) through the block daemon: the marker's checks passed over both
+    copy = re.search(r"dm-verity /dev/dm-1 .*; (\d+) of (\d+) blocks \(\d+ MiB\) from the local copy", root)
+    assert copy and first_copied < int(copy.group(1)) < int(copy.group(2)), root
     assert debugfs(disk, "cat /overlay/demo/upper/var/seedboot-demo-write").startswith("written by pid")
 
     # 3: the trace as a profile, published with version 2; a fresh cache prefetches it
     prof = s.work / "profile"
     prof.write_bytes(profilemod.encode(profilemod.merge([trace])))
     res = publish.publish(
-        s.image, s.mirror, "demo", keys.load_secret_key(s.key), version=2, profile_file=prof
+        s.image, s.mirror, "demo", keys.load_secret_key(s.key), version=2, profile_file=prof, verity=True
     )
     digest = res.meta.profile
     assert digest is not None

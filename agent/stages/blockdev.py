@@ -161,6 +161,13 @@ def show_log_tail(ctx: Context, lines: int = 15) -> None:
         ctx.console.note(f"blockdev.log: {line}")
 
 
+def wants_copy(ctx: Context) -> bool:
+    """Keep a local copy of the blocks read (agent/localcopy.py): only on a cache partition,
+    and only under dm-verity, the one check of bytes that bypass the block daemon."""
+    rel = ctx.release
+    return ctx.cmdline.copy and ctx.cache_kind == "disk" and rel is not None and rel.meta.verity is not None
+
+
 def run(ctx: Context) -> str:
     from seedboot.agent.stages.hardware import settle
 
@@ -194,6 +201,7 @@ def run(ctx: Context) -> str:
         cached_release=True,
         log=ctx.paths.blockdev_log,
         argv0=ARGV0,
+        local_copy=wants_copy(ctx),
     )
     if rel.meta.verity is not None:
         # The root stage needs the dm-verity tree (8 MB for 1 GiB); fetch it while the daemon
@@ -226,4 +234,6 @@ def run(ctx: Context) -> str:
         detail += ", offline"
     if record is not None:
         detail += f", recording to {record}"
+    if opts.local_copy:
+        detail += ", keeping a local copy"
     return detail

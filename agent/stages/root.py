@@ -34,6 +34,7 @@ _LOOP_INFO64 = "<5Q4I64s64s32s2Q"
 _LOOP_CONFIG = "<II" + _LOOP_INFO64[1:] + "8Q"
 DEFAULT_INIT = "/sbin/init"
 OVERLAY_TMPFS_SIZE = "50%"
+MIX_NAME = "seedmix"  # the local copy and the FUSE file, block by block (with_local_copy)
 
 
 def loop_config(fd: int, name: str, flags: int) -> bytes:
@@ -129,6 +130,49 @@ def has_init(newroot: Path, init: str) -> bool:
     return False
 
 
+def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
+    """The device dm-verity goes over: ``fuse_dev`` itself, or, when the cache partition holds
+    a local copy of blocks read before (agent/localcopy.py), a device-mapper device whose
+    copied blocks and holes map to that copy and the rest to ``fuse_dev``. Any problem with
+    the copy means booting without it, with a note."""
+    from seedboot.agent import dm, localcopy, verity
+    from seedboot.agent.stages.blockdev import wants_copy
+
+    rel = ctx.release
+    if rel is None or rel.meta.verity is None or not wants_copy(ctx):
+        return fuse_dev, ""
+    if verity.unavailable(rel.meta.verity, fuse_dev):
+        return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
+    index = rel.index
+    img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
+    copied = localcopy.usable(img, map_path, index)
+    if not copied:
+        return fuse_dev, "; no local copy yet (the blocks read now are kept for the next boot)"
+    try:
+        copy_dev, copy_fd = attach_loop(img)
+    except OSError as e:
+        log.warning("local copy %s: no loop device: %s; reading through the block daemon", img, e)
+        return fuse_dev, f"; local copy not used: {e.strerror}"
+    try:
+        spb = index.block_size // 512
+        total = index.image_size // 512
+        targets: list[dm.Target] = []
+        for first, count, local in localcopy.segments(index, copied):
+            start = first * spb
+            length = min(count * spb, total - start)
+            if length > 0:
+                targets.append((start, length, "linear", f"{copy_dev if local else fuse_dev} {start}"))
+        try:
+            dev = dm.create_table(MIX_NAME, targets)
+        except OSError as e:
+            log.warning("local copy: %s; reading through the block daemon", e)
+            return fuse_dev, f"; local copy not used: {e.strerror}"
+    finally:
+        os.close(copy_fd)  # the device-mapper table holds the loop device now
+    mib = len(copied) * index.block_size / 2**20
+    return dev, f"; {len(copied)} of {index.nblocks} blocks ({mib:.0f} MiB) from the local copy {img}"
+
+
 def run(ctx: Context) -> str:
     from seedboot.agent.stages.hardware import settle
 
@@ -142,7 +186,7 @@ def run(ctx: Context) -> str:
             "is the loop module in the miniroot? see /run/seedboot/blockdev.log",
         ) from e
     ctx.loopdev = dev
-    verity_note = ""
+    verity_note = copy_note = ""
     try:
         if ctx.release is not None:
             # Chain of trust (agent/verity.py): dm-verity between the loop device and the mount.
@@ -154,7 +198,9 @@ def run(ctx: Context) -> str:
                 from seedboot.agent.stages.blockdev import start_tree_fetch
 
                 fetch = start_tree_fetch(ctx, meta.name, meta.verity)
+            dev, copy_note = with_local_copy(ctx, dev)
             dev, verity_note = verity.protect(meta.verity, dev, attach_loop, fetch)
+            verity_note += copy_note
         fs = fstype(dev)
         lower = ctx.paths.lower
         lower.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,191 @@
+"""The local copy: the blocks this machine has read, decompressed, at their place in one sparse
+file on the cache partition, so that the next boot reads them without the block daemon.
+
+Why: under emulation a read through FUSE costs the daemon ~2 ms of Python and a cached block
+another ~5 ms to verify and decompress; the offline second boot of the benchmark (issue 7)
+spent 3 s of the daemon's CPU after the switch. With the copy, the root stage maps the copied
+blocks straight to the file with device-mapper ``linear`` targets and only the others to the
+FUSE file (``segments``), so the kernel alone serves what the last boots read.
+
+Trust: the copy is used only under dm-verity, which checks every read of the root against
+the signed root hash, whichever file it comes from; a copy altered while the machine was off
+fails its reads (I/O errors naming dm-verity), never serves other bytes. ``seed.copy=off``
+boots without it.
+
+Files: ``NAME/copy/<index digest>.img`` (sparse, the image's size: holes read as zeros, so
+the index's holes map there too) and ``.map``, the copied block numbers (u32 little-endian
+each). A block's number is appended only after its bytes are on disk (``fdatasync`` first):
+a crash loses at most the last entries, and never maps a block whose bytes are not there.
+A new index (another version) starts a new copy, and the old one is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+
+from seedboot.agent.index import Index
+
+log = logging.getLogger(__name__)
+
+# Copy only while the cache's file system keeps this share free: the copy must not push the
+# block cache into eviction (cache.HIGH), which starts at 90% used.
+MIN_FREE = 0.30
+# Blocks waiting for their write: beyond this a block is skipped (copied when read next boot),
+# so a slow disk never holds a reader or the daemon's memory.
+MAX_QUEUED = 48
+# Blocks written per fdatasync.
+BATCH = 16
+WRITE_NICE = 10
+_ENTRY = struct.Struct("<I")
+
+
+def paths(cache: Path, name: str, index_digest: str) -> tuple[Path, Path]:
+    base = cache / name / "copy" / index_digest
+    return base.with_suffix(".img"), base.with_suffix(".map")
+
+
+def read_map(map_path: Path, nblocks: int) -> set[int]:
+    """The copied blocks: a torn last entry and numbers past the image are ignored."""
+    try:
+        data = map_path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    n = len(data) // _ENTRY.size
+    return {b for (b,) in _ENTRY.iter_unpack(data[: n * _ENTRY.size]) if b < nblocks}
+
+
+def segments(index: Index, copied: set[int]) -> list[tuple[int, int, bool]]:
+    """Runs of blocks as (first, count, from_copy): a block comes from the copy when it was
+    copied or is a hole (zeros in the sparse file), otherwise from the FUSE file."""
+    runs: list[tuple[int, int, bool]] = []
+    for b in range(index.nblocks):
+        local = b in copied or index.is_hole(b)
+        if runs and runs[-1][2] == local:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, local)
+        else:
+            runs.append((b, 1, local))
+    return runs
+
+
+def usable(img: Path, map_path: Path, index: Index) -> set[int]:
+    """The copied blocks of a copy that fits this index (empty if none or if it is short)."""
+    try:
+        if img.stat().st_size < index.image_size:
+            return set()
+    except FileNotFoundError:
+        return set()
+    return read_map(map_path, index.nblocks)
+
+
+class LocalCopy:
+    """The daemon's writer: ``add(b, plain)`` from the read path, written by one thread."""
+
+    def __init__(self, cache: Path, name: str, index: Index, index_digest: str) -> None:
+        self.index = index
+        self.img, self.map = paths(cache, name, index_digest)
+        self.img.parent.mkdir(parents=True, exist_ok=True)
+        for old in self.img.parent.iterdir():
+            if old.stem != index_digest:
+                log.info("local copy: removing %s (another version's)", old.name)
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        self.fd = os.open(self.img, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self.fd).st_size < index.image_size:
+            os.ftruncate(self.fd, index.image_size)
+        self.map_fd = os.open(self.map, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.have = read_map(self.map, index.nblocks)
+        self.queued: set[int] = set()
+        self.queue: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.stopped = ""
+        self.room = True
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="local-copy", daemon=True)
+        self.thread.start()
+        log.info("local copy %s: %d of %d blocks copied before", self.img, len(self.have), index.nblocks)
+
+    def add(self, b: int, plain: bytes) -> None:
+        """Queue block b's verified plain bytes for the copy (cheap when it is there)."""
+        if b in self.have or b in self.queued or self.stopped or self.index.is_hole(b):
+            return
+        with self.lock:
+            if b in self.queued or len(self.queued) >= MAX_QUEUED:
+                return
+            self.queued.add(b)
+        self.queue.put((b, plain))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+        for fd in (self.fd, self.map_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "path": str(self.img),
+            "blocks": len(self.have),
+            "queued": len(self.queued),
+            "written": self.written,
+            "stopped": self.stopped,
+            "room": self.room,
+        }
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < BATCH:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            try:
+                if self._room(batch):
+                    self._write(batch)
+            except OSError as e:
+                self.stopped = f"{e.strerror or e}"
+                log.warning("local copy %s: stopped: %s", self.img, self.stopped)
+            finally:
+                with self.lock:
+                    self.queued.difference_update(b for b, _ in batch)
+            if self.stopped:
+                return
+
+    def _room(self, batch: list[tuple[int, bytes]]) -> bool:
+        """Whether the batch leaves MIN_FREE of the file system free; if not it is skipped
+        (its blocks are copied when read again, once eviction or the user made room)."""
+        st = os.fstatvfs(self.fd)
+        need = sum(len(p) for _, p in batch)
+        room = st.f_bavail * st.f_frsize - need >= MIN_FREE * st.f_blocks * st.f_frsize
+        if room != self.room:
+            self.room = room
+            log.info("local copy %s: %s", self.img, "room again" if room else f"paused: the cache file "
+                     f"system would have less than {MIN_FREE:.0%} free")  # fmt: skip
+        return room
+
+    def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        bs = self.index.block_size
+        for b, plain in batch:
+            os.pwrite(self.fd, plain, b * bs)
+        os.fdatasync(self.fd)  # the bytes first: a mapped block must be on disk
+        for b, plain in batch:  # and out of the page cache: the next boot reads them, not this one
+            os.posix_fadvise(self.fd, b * bs, len(plain), os.POSIX_FADV_DONTNEED)
+        os.write(self.map_fd, b"".join(_ENTRY.pack(b) for b, _ in batch))
+        self.have.update(b for b, _ in batch)
+        self.written += len(batch)

@@ -1,0 +1,126 @@
+"""The local copy (agent/localcopy.py) with real parts: nginx, the FUSE daemon with
+``--local-copy``, a cache on its own loop-mounted ext4 (the copy's room is a share of that
+file system). The next boot's device is assembled here block by block exactly as the root
+stage's device-mapper table maps it (``localcopy.segments``); that it equals the published
+image is what a user needs. The device-mapper side itself runs in the QEMU boot tests: this
+machine's containers have no /dev/mapper."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from seedboot.agent import cache as cache_mod
+from seedboot.agent import layout, localcopy
+from tests.helpers import Nginx
+from tests.test_blockdev import NAME, Published, Rig, clean_umount, load_index, published, rig
+
+pytestmark = pytest.mark.root
+__all__ = ["published", "rig"]  # fixtures shared with test_blockdev
+
+
+def own_fs(rig: Rig, name: str, size_mb: int) -> Path:
+    img, mnt = rig.tmp / f"{name}.ext4", rig.tmp / name
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-m", "0", str(img), f"{size_mb}M"], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    rig.stack.callback(subprocess.run, ["umount", "-l", str(mnt)], check=False)
+    return mnt
+
+
+def copy_status(m: object, timeout: float = 30) -> dict[str, object]:
+    """The copy's status once nothing waits for its write."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cp = m.status()["copy"]  # type: ignore[attr-defined]
+        assert isinstance(cp, dict), "the daemon keeps no local copy"
+        if not cp["queued"] or time.monotonic() > deadline:
+            return cp
+        time.sleep(0.1)
+
+
+def index_digest(mirror: Path) -> str:
+    meta = json.loads((mirror / layout.meta_path(NAME, 1)).read_bytes())
+    digest: str = meta["index"]
+    return digest
+
+
+def test_copy_holds_the_blocks_read_and_maps_to_the_image(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    srv = nginx(published.mirror)
+    cache = own_fs(rig, "cache", 256)
+    m = rig.mount([srv.url], cache, "--prefetch", "off", "--local-copy", pub=published.pub)
+    idx = load_index(published.mirror)
+    img, map_path = localcopy.paths(cache, NAME, index_digest(published.mirror))
+    wanted = {b for b in range(idx.nblocks) if not idx.is_hole(b)}
+    copied: set[int] = set()
+    for _ in range(4):  # a block read while the writer was busy is copied when read again
+        assert hashlib.sha256(m.disk.read_bytes()).hexdigest() == published.image_sha
+        assert not copy_status(m)["stopped"]
+        copied = localcopy.usable(img, map_path, idx)
+        if copied == wanted:
+            break
+    assert copied == wanted, f"{len(wanted - copied)} blocks read but not copied"
+    clean_umount(m)
+
+    # the next boot's device: copied blocks and holes from the copy, the rest from the daemon
+    image = published.image.read_bytes()
+    copy = img.read_bytes()
+    bs = idx.block_size
+    out = bytearray()
+    for first, count, local in localcopy.segments(idx, copied):
+        lo, hi = first * bs, min((first + count) * bs, idx.image_size)
+        out += copy[lo:hi] if local else image[lo:hi]
+    assert hashlib.sha256(out).hexdigest() == published.image_sha
+    # holes were never written: the sparse file holds the copied blocks only
+    assert img.stat().st_blocks * 512 <= len(copied) * bs + 64 * 1024
+
+    # a torn last entry (a crash mid-append) and an entry past the image are ignored
+    with map_path.open("ab") as f:
+        f.write(struct.pack("<I", idx.nblocks + 5) + b"\x01\x00")
+    assert localcopy.usable(img, map_path, idx) == copied
+    # a copy shorter than the image (truncated on the disk) is not used at all
+    short = rig.tmp / "short.img"
+    short.write_bytes(copy[: idx.image_size // 2])
+    assert localcopy.usable(short, map_path, idx) == set()
+
+    # mounted again: the copy is kept and nothing is written twice
+    m = rig.mount([srv.url], cache, "--prefetch", "off", "--local-copy", pub=published.pub)
+    assert hashlib.sha256(m.disk.read_bytes()).hexdigest() == published.image_sha
+    cp = copy_status(m)
+    assert cp["blocks"] == len(wanted) and cp["written"] == 0
+    clean_umount(m)
+
+
+def test_copy_pauses_before_the_cache_file_system_runs_short(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    srv = nginx(published.mirror)
+    cache = own_fs(rig, "small", 40)
+    m = rig.mount([srv.url], cache, "--prefetch", "off", "--local-copy", pub=published.pub)
+    assert hashlib.sha256(m.disk.read_bytes()).hexdigest() == published.image_sha
+    cp = copy_status(m)
+    idx = load_index(published.mirror)
+    wanted = sum(1 for b in range(idx.nblocks) if not idx.is_hole(b))
+    assert cp["room"] is False and not cp["stopped"]
+    assert isinstance(cp["blocks"], int) and 0 < cp["blocks"] < wanted
+    # the copy gave way: the block cache (which a boot cannot do without) was never pushed
+    # into eviction, and the file system stays under its high watermark
+    st = m.wait_writes()
+    assert st["cache"]["evicted"] == 0  # type: ignore[index]
+    r = subprocess.run(["df", "--output=avail,size", "-B1", str(cache)], capture_output=True, text=True)
+    avail, size = map(int, r.stdout.split()[-2:])
+    assert 1 - avail / size <= cache_mod.HIGH
+    cmd = [sys.executable, "-m", "seedboot.tools.cli", "status", str(m.mountpoint)]
+    status = subprocess.run(cmd, capture_output=True, text=True).stdout
+    assert "paused: the cache file system is short of room" in status
+    clean_umount(m)
