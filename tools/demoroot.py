@@ -60,6 +60,9 @@ for c in /proc/[0-9]*/cmdline; do
     n=$(tr '\0' '\n' < "$c" 2>/dev/null | head -n 1)
     case "$n" in @*) p=${c#/proc/}; echo "seedboot-demo: storage daemon $n pid ${p%/cmdline}" ;; esac
 done
+# The block daemon's local copy (seedboot.agent.localcopy): how often it swapped in blocks copied
+st=/run/seedboot/blockdev/status.json
+[ -r $st ] && echo "seedboot-demo: local copy $(tr -d '\n ' < $st | grep -o '"copy":{[^}]*}')"
 up=$(cut -d' ' -f1 /proc/uptime)
 echo "SEEDBOOT-DEMO-OK sha256=ok overlay=ok root=${root% *} fstype=${root#* } uptime=$up"
 # With seed.debug, show the block daemon's log (it lives in /run, gone after power-off).

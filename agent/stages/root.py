@@ -34,7 +34,6 @@ _LOOP_INFO64 = "<5Q4I64s64s32s2Q"
 _LOOP_CONFIG = "<II" + _LOOP_INFO64[1:] + "8Q"
 DEFAULT_INIT = "/sbin/init"
 OVERLAY_TMPFS_SIZE = "50%"
-MIX_NAME = "seedmix"  # the local copy and the FUSE file, block by block (with_local_copy)
 
 
 def loop_config(fd: int, name: str, flags: int) -> bytes:
@@ -131,10 +130,10 @@ def has_init(newroot: Path, init: str) -> bool:
 
 
 def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
-    """The device dm-verity goes over: ``fuse_dev`` itself, or, when the cache partition holds
-    a local copy of blocks read before (agent/localcopy.py), a device-mapper device whose
-    copied blocks and holes map to that copy and the rest to ``fuse_dev``. Any problem with
-    the copy means booting without it, with a note."""
+    """The device dm-verity goes over: ``fuse_dev`` itself, or, with a local copy on the cache
+    partition (agent/localcopy.py), a device-mapper device whose copied blocks and holes map
+    to that copy and the rest to ``fuse_dev``. Any problem with the copy means booting
+    without it, with a note."""
     from seedboot.agent import dm, localcopy, verity
     from seedboot.agent.stages.blockdev import wants_copy
 
@@ -145,28 +144,26 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
         return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
     index = rel.index
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
-    copied = localcopy.usable(img, map_path, index)
-    if not copied:
-        return fuse_dev, "; no local copy yet (the blocks read now are kept for the next boot)"
+    try:
+        whole = img.stat().st_size >= index.image_size
+    except FileNotFoundError:
+        whole = False
+    if not whole:  # the daemon makes it the image's size when it starts
+        return fuse_dev, "; no local copy (the block daemon did not start one)"
+    copied = localcopy.read_map(map_path, index.nblocks)
     try:
         copy_dev, copy_fd = attach_loop(img)
     except OSError as e:
         log.warning("local copy %s: no loop device: %s; reading through the block daemon", img, e)
         return fuse_dev, f"; local copy not used: {e.strerror}"
     try:
-        spb = index.block_size // 512
-        total = index.image_size // 512
-        targets: list[dm.Target] = []
-        for first, count, local in localcopy.segments(index, copied):
-            start = first * spb
-            length = min(count * spb, total - start)
-            if length > 0:
-                targets.append((start, length, "linear", f"{copy_dev if local else fuse_dev} {start}"))
-        try:
-            dev = dm.create_table(MIX_NAME, targets)
-        except OSError as e:
-            log.warning("local copy: %s; reading through the block daemon", e)
-            return fuse_dev, f"; local copy not used: {e.strerror}"
+        # even with nothing copied yet: holes read from the sparse file, and the daemon swaps
+        # in what it copies during this boot (LocalCopy._remap)
+        flags = localcopy.local_flags(index, copied)
+        dev = dm.create_table(localcopy.MIX_NAME, localcopy.table(index, flags, fuse_dev, copy_dev))
+    except OSError as e:
+        log.warning("local copy: %s; reading through the block daemon", e)
+        return fuse_dev, f"; local copy not used: {e.strerror}"
     finally:
         os.close(copy_fd)  # the device-mapper table holds the loop device now
     mib = len(copied) * index.block_size / 2**20
