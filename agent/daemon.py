@@ -269,10 +269,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     stop_trim = _bound_memory(dev.fit_memory)
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
-    copy = None
-    if opts.local_copy:
-        disk = str(mountpoint / "disk.img")
-        copy = LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index, fuse_file=disk)
+    copy = LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index) if opts.local_copy else None
     prefetcher: Prefetcher | None = None
     if fetcher is None:
         log.info("prefetch off: offline")

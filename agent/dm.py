@@ -29,7 +29,6 @@ assert _HDR.size == 312 and _SPEC.size == 40
 
 DEV_CREATE, DEV_REMOVE, DEV_SUSPEND, TABLE_LOAD, TABLE_STATUS = 3, 4, 6, 9, 12
 READONLY_FLAG = 1 << 0
-SKIP_LOCKFS_FLAG = 1 << 10  # no file system sits directly on our devices: nothing to freeze
 STATUS_BUFFER = 16384
 
 
@@ -91,7 +90,15 @@ def create_table(name: str, targets: list[Target], readonly: bool = True) -> str
     out = _ioctl(DEV_CREATE, bytearray(Header(name).pack()), f"create {name}")
     dev = _HDR.unpack_from(out)[10]
     try:
-        _load(name, targets, readonly, "load")
+        specs = []
+        for start, length, ttype, params in targets:
+            body = params.encode() + b"\0"
+            body += bytes(-(_SPEC.size + len(body)) % 8)
+            specs.append(_SPEC.pack(start, length, 0, _SPEC.size + len(body), ttype.encode()) + body)
+        table = b"".join(specs)
+        hdr = Header(name, READONLY_FLAG if readonly else 0, len(specs), data_size=_HDR.size + len(table))
+        kinds = "/".join(sorted({t[2] for t in targets}))
+        _ioctl(TABLE_LOAD, bytearray(hdr.pack() + table), f"load {kinds} table into {name}")
         _ioctl(DEV_SUSPEND, bytearray(Header(name).pack()), f"resume {name}")
     except OSError:
         remove(name)
@@ -102,32 +109,10 @@ def create_table(name: str, targets: list[Target], readonly: bool = True) -> str
         if os.path.exists(node):
             break
         time.sleep(0.02)
-    kinds = "/".join(sorted({t[2] for t in targets}))
     total = sum(t[1] for t in targets)
     log.info("device-mapper %s: %s (%d:%d), %d %s target(s), %d sectors", name, node, major, minor,
              len(targets), kinds, total)  # fmt: skip
     return node
-
-
-def _load(name: str, targets: list[Target], readonly: bool, what: str) -> None:
-    """TABLE_LOAD: the table goes into the device's inactive slot until the next resume."""
-    specs = []
-    for start, length, ttype, params in targets:
-        body = params.encode() + b"\0"
-        body += bytes(-(_SPEC.size + len(body)) % 8)
-        specs.append(_SPEC.pack(start, length, 0, _SPEC.size + len(body), ttype.encode()) + body)
-    table = b"".join(specs)
-    hdr = Header(name, READONLY_FLAG if readonly else 0, len(specs), data_size=_HDR.size + len(table))
-    kinds = "/".join(sorted({t[2] for t in targets}))
-    _ioctl(TABLE_LOAD, bytearray(hdr.pack() + table), f"{what} {kinds} table into {name}")
-
-
-def reload_table(name: str, targets: list[Target], readonly: bool = True) -> None:
-    """Swap a live device's table (``dmsetup reload`` then ``resume``): the kernel suspends
-    it, waiting for the I/O in flight, swaps, and resumes; what sits on top sees the same
-    device throughout."""
-    _load(name, targets, readonly, "reload")
-    _ioctl(DEV_SUSPEND, bytearray(Header(name, SKIP_LOCKFS_FLAG).pack()), f"resume {name}")
 
 
 def remove(name: str) -> None:

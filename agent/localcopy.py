@@ -5,9 +5,7 @@ Why: under emulation a read through FUSE costs the daemon ~2 ms of Python and a 
 another ~5 ms to verify and decompress; the offline second boot of the benchmark (issue 7)
 spent 3 s of the daemon's CPU after the switch. With the copy, the root stage maps the copied
 blocks straight to the file with device-mapper ``linear`` targets and only the others to the
-FUSE file (``table``), so the kernel alone serves what the last boots read. During a boot the
-daemon swaps in a new table as blocks are copied (``LocalCopy._remap``, every 2 s at most):
-a block read in pieces minutes apart goes through the daemon only the first time.
+FUSE file (``table``), so the kernel alone serves what the last boots read.
 
 Trust: the copy is used only under dm-verity, which checks every read of the root against
 the signed root hash, whichever file it comes from; a copy altered while the machine was off
@@ -29,10 +27,8 @@ import os
 import queue
 import struct
 import threading
-import time
 from pathlib import Path
 
-from seedboot.agent import dm
 from seedboot.agent.dm import Target
 from seedboot.agent.index import Index
 
@@ -48,12 +44,7 @@ MAX_QUEUED = 48
 BATCH = 16
 WRITE_NICE = 10
 _ENTRY = struct.Struct("<I")
-# The mixed device the root stage builds (copy + FUSE file) and the daemon remaps as it grows.
-MIX_NAME = "seedmix"
-# How often at most the daemon swaps in a table with the blocks copied since: each swap
-# suspends the device for the reads in flight, and builds the table in Python.
-REMAP_SECONDS = 2.0
-SYS_BLOCK = "/sys/block"
+MIX_NAME = "seedmix"  # the mixed device the root stage builds (copy + FUSE file)
 
 
 def paths(cache: Path, name: str, index_digest: str) -> tuple[Path, Path]:
@@ -82,7 +73,7 @@ def local_flags(index: Index, copied: set[int]) -> bytearray:
 
 def runs(flags: bytearray) -> list[tuple[int, int, bool]]:
     """Runs of equal flags as (first, count, from_copy); scanned with bytes.find, so the
-    Python work is per run, not per block (it is redone as the copy grows: ``remap``)."""
+    Python work is per run, not per block (PID 1 builds the table under emulation)."""
     out: list[tuple[int, int, bool]] = []
     pos, n = 0, len(flags)
     while pos < n:
@@ -95,16 +86,18 @@ def runs(flags: bytearray) -> list[tuple[int, int, bool]]:
 
 
 def segments(index: Index, copied: set[int]) -> list[tuple[int, int, bool]]:
+    """Runs of blocks as (first, count, from_copy): a block comes from the copy when it was
+    copied or is a hole, otherwise from the FUSE file."""
     return runs(local_flags(index, copied))
 
 
-def table(index: Index, flags: bytearray, fuse_dev: str, copy_dev: str) -> list[Target]:
+def table(index: Index, copied: set[int], fuse_dev: str, copy_dev: str) -> list[Target]:
     """The device-mapper table of the mixed device: ``linear`` targets, each block at its own
     offset on the copy or on the FUSE file's loop device."""
     spb = index.block_size // 512
     total = index.image_size // 512
     targets: list[Target] = []
-    for first, count, local in runs(flags):
+    for first, count, local in segments(index, copied):
         start = first * spb
         length = min(count * spb, total - start)
         if length > 0:
@@ -125,9 +118,8 @@ def usable(img: Path, map_path: Path, index: Index) -> set[int]:
 class LocalCopy:
     """The daemon's writer: ``add(b, plain)`` from the read path, written by one thread."""
 
-    def __init__(self, cache: Path, name: str, index: Index, index_digest: str, fuse_file: str = "") -> None:
+    def __init__(self, cache: Path, name: str, index: Index, index_digest: str) -> None:
         self.index = index
-        self.fuse_file = fuse_file
         self.img, self.map = paths(cache, name, index_digest)
         self.img.parent.mkdir(parents=True, exist_ok=True)
         for old in self.img.parent.iterdir():
@@ -140,10 +132,6 @@ class LocalCopy:
             os.ftruncate(self.fd, index.image_size)
         self.map_fd = os.open(self.map, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.have = read_map(self.map, index.nblocks)
-        self.flags = local_flags(index, self.have)
-        self.mapped = -1  # blocks in the mixed device's table when it was last swapped in
-        self.last_remap = 0.0
-        self.remaps = 0
         self.queued: set[int] = set()
         self.queue: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
@@ -179,18 +167,13 @@ class LocalCopy:
             "written": self.written,
             "stopped": self.stopped,
             "room": self.room,
-            "remaps": self.remaps,
         }
 
     def _run(self) -> None:
         with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
         while True:
-            try:
-                item = self.queue.get(timeout=REMAP_SECONDS)
-            except queue.Empty:
-                self._remap()  # what the last batches copied, once they have settled
-                continue
+            item = self.queue.get()
             if item is None:
                 return
             batch = [item]
@@ -214,7 +197,6 @@ class LocalCopy:
                     self.queued.difference_update(b for b, _ in batch)
             if self.stopped:
                 return
-            self._remap()
 
     def _room(self, batch: list[tuple[int, bytes]]) -> bool:
         """Whether the batch leaves MIN_FREE of the file system free; if not it is skipped
@@ -237,53 +219,4 @@ class LocalCopy:
             os.posix_fadvise(self.fd, b * bs, len(plain), os.POSIX_FADV_DONTNEED)
         os.write(self.map_fd, b"".join(_ENTRY.pack(b) for b, _ in batch))
         self.have.update(b for b, _ in batch)
-        for b, _ in batch:
-            self.flags[b] = 1
         self.written += len(batch)
-
-    def _remap(self) -> None:
-        """Swap the blocks copied since into the mixed device, if the root stage made one
-        (MIX_NAME, over this copy's loop device): later reads of them skip the daemon. At
-        most every REMAP_SECONDS; any failure ends remapping for this mount, with a log line."""
-        now = time.monotonic()
-        if not self.fuse_file or len(self.have) == self.mapped or now - self.last_remap < REMAP_SECONDS:
-            return
-        self.last_remap = now
-        if not dm_exists(MIX_NAME):
-            return
-        copy_dev, fuse_dev = loop_of(str(self.img)), loop_of(self.fuse_file)
-        if copy_dev is None or fuse_dev is None:
-            return  # a mixed device of another mount
-        count = len(self.have)
-        try:
-            dm.reload_table(MIX_NAME, table(self.index, self.flags, fuse_dev, copy_dev))
-        except OSError as e:
-            log.warning("local copy: %s; no more remapping", e)
-            self.fuse_file = ""
-            return
-        self.mapped = count
-        self.remaps += 1
-        log.info("local copy: %s now maps %d copied blocks (%.0f ms)", MIX_NAME, count,
-                 (time.monotonic() - now) * 1000)  # fmt: skip
-
-
-def dm_exists(name: str) -> bool:
-    for d in os.listdir(SYS_BLOCK):
-        if d.startswith("dm-"):
-            with contextlib.suppress(OSError), open(f"{SYS_BLOCK}/{d}/dm/name") as f:
-                if f.read().strip() == name:
-                    return True
-    return False
-
-
-def loop_of(path: str) -> str | None:
-    """The loop device backed by ``path``, as MAJOR:MINOR (what a table names it by)."""
-    for d in os.listdir(SYS_BLOCK):
-        if d.startswith("loop"):
-            with contextlib.suppress(OSError):
-                with open(f"{SYS_BLOCK}/{d}/loop/backing_file") as f:
-                    if f.read().strip() != path:
-                        continue
-                with open(f"{SYS_BLOCK}/{d}/dev") as f:
-                    return f.read().strip()
-    return None

@@ -170,8 +170,10 @@ def test_trust_chain_across_boots(machine: Machine) -> None:
     assert field(c, "TRUST-PCR15").lower() == pcr_after(meta_digest(m.mirror, 2))
     event = json.loads(field(c, "TRUST-LOG"))
     assert event["description"] == f"seedboot:demo:2:{meta_digest(m.mirror, 2)}" and event["pcr"] == 15
-    # dm-verity's device, over the local copy's (the blocks read before, and the rest via FUSE)
-    assert field(c, "TRUST-DM").split() == ["seedmix", "seedroot"]
+    # dm-verity's device; under it the local copy's, if the daemon copied a block (the loop
+    # device's partition scan reads one) before the root stage looked
+    names = field(c, "TRUST-DM").split()
+    assert "seedroot" in names and set(names) <= {"seedmix", "seedroot"}, names
     assert field(c, "TRUST-PAYLOAD") == m.payload_sha
     assert re.search(r"trust +ok .*signed by root key", c)
 

@@ -130,10 +130,10 @@ def has_init(newroot: Path, init: str) -> bool:
 
 
 def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
-    """The device dm-verity goes over: ``fuse_dev`` itself, or, with a local copy on the cache
-    partition (agent/localcopy.py), a device-mapper device whose copied blocks and holes map
-    to that copy and the rest to ``fuse_dev``. Any problem with the copy means booting
-    without it, with a note."""
+    """The device dm-verity goes over: ``fuse_dev`` itself, or, when the cache partition holds
+    a local copy of blocks read before (agent/localcopy.py), a device-mapper device whose
+    copied blocks and holes map to that copy and the rest to ``fuse_dev``. Any problem with
+    the copy means booting without it, with a note."""
     from seedboot.agent import dm, localcopy, verity
     from seedboot.agent.stages.blockdev import wants_copy
 
@@ -144,23 +144,16 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
         return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
     index = rel.index
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
-    try:
-        whole = img.stat().st_size >= index.image_size
-    except FileNotFoundError:
-        whole = False
-    if not whole:  # the daemon makes it the image's size when it starts
-        return fuse_dev, "; no local copy (the block daemon did not start one)"
-    copied = localcopy.read_map(map_path, index.nblocks)
+    copied = localcopy.usable(img, map_path, index)
+    if not copied:
+        return fuse_dev, "; no local copy yet (the blocks read now are kept for the next boot)"
     try:
         copy_dev, copy_fd = attach_loop(img)
     except OSError as e:
         log.warning("local copy %s: no loop device: %s; reading through the block daemon", img, e)
         return fuse_dev, f"; local copy not used: {e.strerror}"
     try:
-        # even with nothing copied yet: holes read from the sparse file, and the daemon swaps
-        # in what it copies during this boot (LocalCopy._remap)
-        flags = localcopy.local_flags(index, copied)
-        dev = dm.create_table(localcopy.MIX_NAME, localcopy.table(index, flags, fuse_dev, copy_dev))
+        dev = dm.create_table(localcopy.MIX_NAME, localcopy.table(index, copied, fuse_dev, copy_dev))
     except OSError as e:
         log.warning("local copy: %s; reading through the block daemon", e)
         return fuse_dev, f"; local copy not used: {e.strerror}"
