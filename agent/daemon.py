@@ -270,6 +270,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     copy = LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index) if opts.local_copy else None
+    if copy is not None and rel.meta.verity is not None:
+        _mend_copy_on_verity_errors(copy, dev, rel.meta.verity.data_block_size)
     prefetcher: Prefetcher | None = None
     if fetcher is None:
         log.info("prefetch off: offline")
@@ -355,6 +357,24 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         stop_trim.set()
         pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)
     return 0
+
+
+def _mend_copy_on_verity_errors(copy: LocalCopy, dev: BlockDevice, verity_block: int) -> None:
+    """A block of the local copy that dm-verity finds corrupt (the disk altered or damaged
+    while the machine was off) leaves the copy's map at once and is copied again from a
+    verified block: the read that hit it failed, the next ones and the next boot do not."""
+    from seedboot.agent.fetcher import DEMAND
+    from seedboot.agent.localcopy import watch_verity_errors
+    from seedboot.agent.verity import DM_NAME
+
+    bs = dev.index.block_size
+
+    def mend(n: int) -> None:
+        b = n * verity_block // bs
+        if copy.forget(b, f"dm-verity found its data block {n} corrupt; copying it again"):
+            dev.request(b, DEMAND, lambda plain, _e: copy.add(b, plain) if plain is not None else None)
+
+    watch_verity_errors(DM_NAME, mend)
 
 
 def _on_signal(loop: asyncio.AbstractEventLoop, mountpoint: Path, sig: int) -> None:

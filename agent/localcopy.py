@@ -8,9 +8,11 @@ blocks straight to the file with device-mapper ``linear`` targets and only the o
 FUSE file (``table``), so the kernel alone serves what the last boots read.
 
 Trust: the copy is used only under dm-verity, which checks every read of the root against
-the signed root hash, whichever file it comes from; a copy altered while the machine was off
-fails its reads (I/O errors naming dm-verity), never serves other bytes. ``seed.copy=off``
-boots without it.
+the signed root hash, whichever file it comes from. A copy altered while the machine was off
+fails the altered block's read (dm-verity's I/O error), never serves other bytes; the kernel
+reports the block in a uevent, and the daemon takes it out of the map at once and copies it
+again from a verified block (``forget``, ``watch_verity_errors``), so later reads and the next
+boot are whole. ``seed.copy=off`` boots without the copy.
 
 Files: ``NAME/copy/<index digest>.img`` (sparse, the image's size: holes read as zeros, so
 the index's holes map there too) and ``.map``, the copied block numbers (u32 little-endian
@@ -25,8 +27,10 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from seedboot.agent.dm import Target
@@ -44,6 +48,8 @@ MAX_QUEUED = 48
 BATCH = 16
 WRITE_NICE = 10
 _ENTRY = struct.Struct("<I")
+NETLINK_KOBJECT_UEVENT = 15
+SYS_BLOCK = "/sys/block"
 MIX_NAME = "seedmix"  # the mixed device the root stage builds (copy + FUSE file)
 
 
@@ -138,6 +144,7 @@ class LocalCopy:
         self.stopped = ""
         self.room = True
         self.written = 0
+        self.forgotten = 0
         self.thread = threading.Thread(target=self._run, name="local-copy", daemon=True)
         self.thread.start()
         log.info("local copy %s: %d of %d blocks copied before", self.img, len(self.have), index.nblocks)
@@ -165,6 +172,7 @@ class LocalCopy:
             "blocks": len(self.have),
             "queued": len(self.queued),
             "written": self.written,
+            "dropped": self.forgotten,
             "stopped": self.stopped,
             "room": self.room,
         }
@@ -217,6 +225,64 @@ class LocalCopy:
         os.fdatasync(self.fd)  # the bytes first: a mapped block must be on disk
         for b, plain in batch:  # and out of the page cache: the next boot reads them, not this one
             os.posix_fadvise(self.fd, b * bs, len(plain), os.POSIX_FADV_DONTNEED)
-        os.write(self.map_fd, b"".join(_ENTRY.pack(b) for b, _ in batch))
-        self.have.update(b for b, _ in batch)
+        with self.lock:  # not while forget() swaps the map file
+            os.write(self.map_fd, b"".join(_ENTRY.pack(b) for b, _ in batch))
+            self.have.update(b for b, _ in batch)
         self.written += len(batch)
+
+    def forget(self, b: int, why: str) -> bool:
+        """Take block b out of the map (a new map file, swapped in atomically), so no later
+        boot maps it; True if it was there. Its next read goes through the daemon and copies
+        it again: over the bad bytes, which mends this boot's later reads of it too."""
+        with self.lock:
+            if b not in self.have:
+                return False
+            self.have.discard(b)
+            tmp = self.map.with_name(self.map.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"".join(_ENTRY.pack(x) for x in sorted(self.have)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.map)
+            os.close(self.map_fd)
+            self.map_fd = os.open(self.map, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.forgotten += 1
+        log.warning("local copy %s: block %d dropped: %s", self.img, b, why)
+        return True
+
+
+def watch_verity_errors(dm_name: str, on_data_block: Callable[[int], None]) -> bool:
+    """Call ``on_data_block(N)`` from a thread whenever dm-verity on device ``dm_name``
+    reports data block N corrupt: the kernel sends a uevent with DM_VERITY_ERR_BLOCK_NR=0,N
+    (drivers/md/dm-verity-target.c, verity_handle_err) as it fails the read. False if the
+    uevent socket cannot be opened."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
+        sock.bind((0, 1))  # group 1: the kernel's own uevents
+    except OSError as e:
+        log.warning("local copy: no uevent socket (%s): dm-verity errors will not mend the copy", e)
+        return False
+
+    def run() -> None:
+        while True:
+            try:
+                msg = sock.recv(16384)
+            except OSError:
+                return
+            fields = dict(f.partition(b"=")[::2] for f in msg.split(b"\0") if b"=" in f)
+            err, dev = fields.get(b"DM_VERITY_ERR_BLOCK_NR"), fields.get(b"DEVNAME", b"").decode()
+            if err is None or not dev:
+                continue
+            kind, _, block = err.decode().partition(",")
+            try:
+                with open(f"{SYS_BLOCK}/{os.path.basename(dev)}/dm/name") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name == dm_name and kind == "0" and block.isdigit():
+                on_data_block(int(block))
+
+    threading.Thread(target=run, name="verity-errors", daemon=True).start()
+    return True
