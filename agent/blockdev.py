@@ -38,6 +38,7 @@ from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import BlockInvalid
 from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
 from seedboot.agent.index import Index
+from seedboot.agent.localcopy import LocalCopy
 from seedboot.agent.mirrors import MirrorSet
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ WRITE_NICE = 10
 MEMORY_BLOCKS = 48
 MIN_MEMORY_BLOCKS = 8
 MEMORY_BUDGET = 52 * 1024 * 1024
+# Prefetch transfers in flight while each block also goes to the local copy (Prefetcher)
+COPY_DEPTH = 16
 
 
 @dataclass
@@ -511,10 +514,16 @@ def _ignore(plain: bytes | None, error: str) -> None:
 class Prefetcher:
     """Fetch a list of blocks in order into the cache, ``depth`` at a time, in the background."""
 
-    def __init__(self, dev: BlockDevice, order: Iterable[int], depth: int, what: str) -> None:
+    def __init__(
+        self, dev: BlockDevice, order: Iterable[int], depth: int, what: str, copy: LocalCopy | None = None
+    ) -> None:
         self.dev = dev
         self.order = list(order)
-        self.depth = max(1, depth)
+        # with a local copy the blocks also go there, decompressed (the boot profile: the root
+        # stage waits for them, then the boot reads them without the daemon): fewer in flight,
+        # since each waits in memory for its write
+        self.copy = copy
+        self.depth = max(1, min(depth, COPY_DEPTH) if copy is not None else depth)
         self.what = what
         self.slots = threading.Semaphore(self.depth)
         self.stopping = False
@@ -539,14 +548,32 @@ class Prefetcher:
         outstanding = threading.Semaphore(0)
         issued = 0
         seen: set[str] = set()
+        copy = self.copy
+        handoff: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
+
+        def to_copy() -> None:
+            """Blocks delivered so far into the copy, waiting for its writer when it lags:
+            this thread then issues no more requests (memory stays bounded)."""
+            while copy is not None:
+                try:
+                    b2, plain2 = handoff.get_nowait()
+                except queue.Empty:
+                    return
+                copy.add(b2, plain2, wait=True)
+
         for b in self.order:
             if self.stopping:
                 break
+            to_copy()
             if idx.is_hole(b):
                 self.done += 1
                 continue
             d = idx.digest_hex(b)
-            if d in seen or self.dev.is_local(b):
+            if copy is not None:
+                if b in copy.have:  # every place of a block goes to the copy, so no dedup
+                    self.done += 1
+                    continue
+            elif d in seen or self.dev.is_local(b):
                 self.done += 1
                 continue
             seen.add(d)
@@ -557,18 +584,22 @@ class Prefetcher:
                 break
             issued += 1
 
-            def done(plain: bytes | None, error: str) -> None:
+            def done(plain: bytes | None, error: str, b: int = b) -> None:
                 if error:
                     self.failed += 1
+                elif plain is not None and copy is not None:
+                    handoff.put((b, plain))
                 self.done += 1
                 self.slots.release()
                 outstanding.release()
 
-            self.dev.request(b, PREFETCH, done, keep=False)
+            self.dev.request(b, PREFETCH, done, keep=copy is not None)
         waited = 0
         while waited < issued and not self.stopping:
             if outstanding.acquire(timeout=0.2):
                 waited += 1
+            to_copy()
+        to_copy()
         dt = time.monotonic() - t0
         log.info(
             "prefetch (%s) %s: %d blocks in %.1fs, %d failed",

@@ -280,7 +280,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     elif opts.prefetch == "profile":
         order = load_profile(rel, opts.cache, mirrors)
         if order:
-            prefetcher = Prefetcher(dev, order, opts.conns, "profile")
+            prefetcher = Prefetcher(dev, order, opts.conns, "profile", copy=copy)
     t0 = time.time()
     cpu_ready = 0.0  # set once it serves
 
@@ -372,7 +372,12 @@ def _mend_copy_on_verity_errors(copy: LocalCopy, dev: BlockDevice, verity_block:
     def mend(n: int) -> None:
         b = n * verity_block // bs
         if copy.forget(b, f"dm-verity found its data block {n} corrupt; copying it again"):
-            dev.request(b, DEMAND, lambda plain, _e: copy.add(b, plain) if plain is not None else None)
+
+            def again(plain: bytes | None, _error: str) -> None:
+                if plain is not None:
+                    copy.add(b, plain)
+
+            dev.request(b, DEMAND, again)
 
     watch_verity_errors(DM_NAME, mend)
 

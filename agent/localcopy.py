@@ -141,6 +141,7 @@ class LocalCopy:
         self.queued: set[int] = set()
         self.queue: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
+        self.drained = threading.Condition(self.lock)  # queued blocks were written
         self.stopped = ""
         self.room = True
         self.written = 0
@@ -149,15 +150,22 @@ class LocalCopy:
         self.thread.start()
         log.info("local copy %s: %d of %d blocks copied before", self.img, len(self.have), index.nblocks)
 
-    def add(self, b: int, plain: bytes) -> None:
-        """Queue block b's verified plain bytes for the copy (cheap when it is there)."""
+    def add(self, b: int, plain: bytes, wait: bool = False) -> bool:
+        """Queue block b's verified plain bytes for the copy (cheap when it is there). With
+        MAX_QUEUED blocks waiting it is skipped (a reader never waits for the disk), unless
+        ``wait``: the profile's prefetch waits for room instead."""
         if b in self.have or b in self.queued or self.stopped or self.index.is_hole(b):
-            return
-        with self.lock:
-            if b in self.queued or len(self.queued) >= MAX_QUEUED:
-                return
+            return False
+        with self.drained:
+            while len(self.queued) >= MAX_QUEUED:
+                if not wait or self.stopped:
+                    return False
+                self.drained.wait(0.5)
+            if b in self.queued:
+                return False
             self.queued.add(b)
         self.queue.put((b, plain))
+        return True
 
     def close(self) -> None:
         self.queue.put(None)
@@ -201,8 +209,9 @@ class LocalCopy:
                 self.stopped = f"{e.strerror or e}"
                 log.warning("local copy %s: stopped: %s", self.img, self.stopped)
             finally:
-                with self.lock:
+                with self.drained:
                     self.queued.difference_update(b for b, _ in batch)
+                    self.drained.notify_all()
             if self.stopped:
                 return
 

@@ -209,6 +209,11 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     assert "eth0 10.0.2.15/24 via static, gateway 10.0.2.2" in stage_line(console, "network")
     assert "NEWROOT-HOSTNAME seedbox" in console
     assert "demo v2 verified" in stage_line(console, "trust")
+    # the root waited for the profile's blocks to reach the local copy: the boot reads them there
+    profiled = re.search(
+        r"from the local copy \S+ \(the profile's (\d+) blocks copied first", stage_line(console, "root")
+    )
+    assert profiled, stage_line(console, "root")
     reqs = s.nginx.requests()[before:]
     assert f"GET /{layout.profile_path('demo', digest)} HTTP/1.1" in reqs
     fetched = {r.split()[1].lstrip("/") for r in reqs if r.startswith("GET /blocks/")}

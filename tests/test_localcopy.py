@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pytest
 
 from seedboot.agent import cache as cache_mod
 from seedboot.agent import layout, localcopy
+from seedboot.agent import profile as profilemod
+from seedboot.tools import keys, publish
 from tests.helpers import Nginx
 from tests.test_blockdev import NAME, Published, Rig, clean_umount, load_index, published, rig
 
@@ -123,4 +126,43 @@ def test_copy_pauses_before_the_cache_file_system_runs_short(
     cmd = [sys.executable, "-m", "seedboot.tools.cli", "status", str(m.mountpoint)]
     status = subprocess.run(cmd, capture_output=True, text=True).stdout
     assert "paused: the cache file system is short of room" in status
+    clean_umount(m)
+
+
+def test_profile_prefetch_fills_the_copy_before_any_read(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    """What the root stage waits for on a first boot: the boot profile's blocks, fetched and
+    verified, decompressed into the copy with nothing read yet."""
+    mirror = rig.tmp / "mirror"
+    shutil.copytree(published.mirror, mirror)
+    idx = load_index(mirror)
+    data = [b for b in range(idx.nblocks) if not idx.is_hole(b)]
+    order = data[::3][:40]  # scattered, like a boot's
+    prof = rig.tmp / "profile"
+    prof.write_bytes(profilemod.encode(order))
+    publish.publish(
+        published.image, mirror, NAME, keys.load_secret_key(published.key), version=2, profile_file=prof
+    )
+    srv = nginx(mirror)
+    cache = own_fs(rig, "cache", 256)
+    m = rig.mount([srv.url], cache, "--prefetch", "profile", "--local-copy", pub=published.pub)
+    deadline = time.monotonic() + 60
+    while True:
+        st = m.status()
+        pf, cp = st["prefetch"], st["copy"]
+        assert isinstance(pf, dict) and isinstance(cp, dict)
+        if pf["complete"] and not cp["queued"]:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+    counters = st["counters"]
+    assert isinstance(counters, dict) and counters["reads"] <= 1  # the mount's own check that it answers
+    meta = json.loads((mirror / layout.meta_path(NAME, 2)).read_bytes())
+    img, map_path = localcopy.paths(cache, NAME, meta["index"])
+    copied = localcopy.usable(img, map_path, idx)
+    assert set(order) <= copied and len(copied - set(order)) <= 2  # + what that one read touched
+    image, copy = published.image.read_bytes(), img.read_bytes()
+    bs = idx.block_size
+    assert all(copy[b * bs : (b + 1) * bs] == image[b * bs : (b + 1) * bs] for b in order)
     clean_umount(m)
