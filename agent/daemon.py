@@ -306,7 +306,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         }
         return (json.dumps(s, indent=1) + "\n").encode()
 
-    fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder, copy)
+    def progress() -> bytes:
+        s = {
+            "prefetch": prefetcher.status() if prefetcher else {"what": opts.prefetch, "complete": True},
+            "copy": copy.status() if copy else None,
+        }
+        return (json.dumps(s) + "\n").encode()
+
+    fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder, copy, progress)
     options = set(pyfuse3.default_options) | {f"fsname=seedboot:{rel.meta.name}", "ro", "allow_other"}
     _protect()
     try:

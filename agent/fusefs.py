@@ -1,4 +1,5 @@
-"""The FUSE side (pyfuse3 on asyncio): a read-only ``disk.img`` and a virtual ``status.json``.
+"""The FUSE side (pyfuse3 on asyncio): a read-only ``disk.img``, a virtual ``status.json`` and
+``progress.json`` (the prefetch and local copy counters alone: cheap to render, for polling).
 
 Reads never block the event loop: a block not in memory is requested from the block device
 (an I/O or fetcher thread delivers it) and the read task waits on an asyncio event, so many
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 DISK = pyfuse3.ROOT_INODE + 1
 STATUS = pyfuse3.ROOT_INODE + 2
-NAMES = {b"disk.img": DISK, b"status.json": STATUS}
+PROGRESS = pyfuse3.ROOT_INODE + 3
+NAMES = {b"disk.img": DISK, b"status.json": STATUS, b"progress.json": PROGRESS}
 STATUS_FH_BASE = 1000
 
 
@@ -50,10 +52,12 @@ class SeedFS(pyfuse3.Operations):
         readahead: ReadAhead | None = None,
         recorder: Recorder | None = None,
         copy: LocalCopy | None = None,
+        progress: Callable[[], bytes] = lambda: b"{}\n",
     ) -> None:
         super().__init__()
         self.dev = dev
         self.status = status
+        self.progress = progress
         self.mtime_ns = mtime_ns
         self.readahead = readahead
         self.recorder = recorder
@@ -81,7 +85,7 @@ class SeedFS(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = self.size
             a.attr_timeout = a.entry_timeout = 3600
-        elif inode == STATUS:
+        elif inode in (STATUS, PROGRESS):
             a.st_mode = stat.S_IFREG | 0o444
             a.st_nlink = 1
             a.st_size = 0  # rendered on open; read with direct I/O
@@ -117,10 +121,10 @@ class SeedFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if inode == DISK:
             return pyfuse3.FileInfo(fh=DISK, keep_cache=True)
-        if inode == STATUS:
+        if inode in (STATUS, PROGRESS):
             fh = self.next_fh
             self.next_fh += 1
-            self.status_files[fh] = self.status()
+            self.status_files[fh] = self.status() if inode == STATUS else self.progress()
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         raise pyfuse3.FUSEError(errno.EISDIR)
 

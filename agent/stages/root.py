@@ -159,7 +159,7 @@ def wait_for_profile_copy(status_path: Path) -> str:
         elif now - last > PROFILE_STALL:
             log.warning("local copy: the profile's prefetch made no progress for %.0f s", PROFILE_STALL)
             return f" (stopped waiting for the profile's blocks after {now - t0:.1f}s: no progress)"
-        time.sleep(0.2)  # each look renders the daemon's status: not too often
+        time.sleep(0.1)
 
 
 def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
@@ -176,7 +176,7 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
     if verity.unavailable(rel.meta.verity, fuse_dev):
         return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
     index = rel.index
-    profile = wait_for_profile_copy(ctx.paths.mountpoint / "status.json")
+    profile = wait_for_profile_copy(ctx.paths.mountpoint / "progress.json")
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
     copied = localcopy.usable(img, map_path, index)
     if not copied:
