@@ -159,7 +159,7 @@ def wait_for_profile_copy(status_path: Path) -> str:
         elif now - last > PROFILE_STALL:
             log.warning("local copy: the profile's prefetch made no progress for %.0f s", PROFILE_STALL)
             return f" (stopped waiting for the profile's blocks after {now - t0:.1f}s: no progress)"
-        time.sleep(0.1)
+        time.sleep(0.2)
 
 
 def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
