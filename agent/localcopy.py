@@ -280,6 +280,8 @@ def watch_verity_errors(dm_name: str, on_data_block: Callable[[int], None]) -> b
                 msg = sock.recv(16384)
             except OSError:
                 return
+            if b"DM_VERITY_ERR_BLOCK_NR=" not in msg:  # every other uevent of the boot: cheap
+                continue
             fields = dict(f.partition(b"=")[::2] for f in msg.split(b"\0") if b"=" in f)
             err, dev = fields.get(b"DM_VERITY_ERR_BLOCK_NR"), fields.get(b"DEVNAME", b"").decode()
             if err is None or not dev:
