@@ -24,6 +24,7 @@ import pytest
 from seedboot.agent import cache as cache_mod
 from seedboot.agent import layout, localcopy
 from seedboot.agent import profile as profilemod
+from seedboot.agent.stages.root import wait_for_profile_copy
 from seedboot.tools import keys, publish
 from tests.helpers import Nginx
 from tests.test_blockdev import NAME, Published, Rig, clean_umount, load_index, published, rig
@@ -162,15 +163,13 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     srv = nginx(mirror)
     cache = own_fs(rig, "cache", 256)
     m = rig.mount([srv.url], cache, "--prefetch", "profile", "--local-copy", pub=published.pub)
-    deadline = time.monotonic() + 60
-    while True:
-        st = m.status()
-        pf, cp = st["prefetch"], st["copy"]
-        assert isinstance(pf, dict) and isinstance(cp, dict)
-        if pf["complete"] and not cp["queued"]:
-            break
-        assert time.monotonic() < deadline, st
-        time.sleep(0.1)
+    # the root stage's wait, against the real daemon
+    said: list[str] = []
+    note = wait_for_profile_copy(m.mountpoint / "progress.json", said.append)
+    assert note.startswith(f" (the profile's {len(order)} blocks copied first: waited"), note
+    st = m.status()
+    pf, cp = st["prefetch"], st["copy"]
+    assert isinstance(pf, dict) and isinstance(cp, dict) and pf["complete"] and not cp["queued"]
     assert pf["done"] == len(order) and not pf["failed"]
     meta = json.loads((mirror / layout.meta_path(NAME, 2)).read_bytes())
     img, map_path = localcopy.paths(cache, NAME, meta["index"])

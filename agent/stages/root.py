@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from seedboot.agent.errors import SeedError
@@ -37,6 +38,7 @@ DEFAULT_INIT = "/sbin/init"
 OVERLAY_TMPFS_SIZE = "50%"
 # The root stage stops waiting for the boot profile's prefetch after this long without progress
 PROFILE_STALL = 10.0
+PROFILE_REPORT = 5.0  # a console line this often while it waits
 
 
 def loop_config(fd: int, name: str, flags: int) -> bytes:
@@ -132,12 +134,13 @@ def has_init(newroot: Path, init: str) -> bool:
     return False
 
 
-def wait_for_profile_copy(status_path: Path) -> str:
+def wait_for_profile_copy(status_path: Path, say: Callable[[str], None] = log.info) -> str:
     """While the block daemon prefetches the boot profile into the local copy, wait for it
     (the boot then reads those blocks without the daemon: each read through it costs ~2 ms of
     CPU under emulation, and the whole profile's transfer is the same either way), as long as
-    it makes progress. Returns a note for the root line."""
-    t0 = last = time.monotonic()
+    it makes progress, saying how far it got every PROFILE_REPORT seconds. Returns a note for
+    the root line."""
+    t0 = last = reported = time.monotonic()
     seen: tuple[object, ...] = ()
     while True:
         try:
@@ -150,9 +153,10 @@ def wait_for_profile_copy(status_path: Path) -> str:
             return ""
         now = time.monotonic()
         if pf.get("complete") and not cp.get("queued"):
-            if now - t0 < 0.01:
-                return ""
             return f" (the profile's {pf['total']} blocks copied first: waited {now - t0:.1f}s)"
+        if now - reported >= PROFILE_REPORT:
+            reported = now
+            say(f"root: copying the boot profile: {pf.get('done')} of {pf['total']} blocks, {now - t0:.0f}s")
         progress = (pf.get("done"), cp.get("written"))
         if progress != seen:
             seen, last = progress, now
@@ -176,7 +180,7 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
     if verity.unavailable(rel.meta.verity, fuse_dev):
         return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
     index = rel.index
-    profile = wait_for_profile_copy(ctx.paths.mountpoint / "progress.json")
+    profile = wait_for_profile_copy(ctx.paths.mountpoint / "progress.json", ctx.console.note)
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
     copied = localcopy.usable(img, map_path, index)
     if not copied:
