@@ -27,6 +27,7 @@ DAEMON_MODULES = (
     "zstandard",
     "seedboot.agent.signature",
 )
+NETWORK_MODULES = ("pycurl",)  # of those, what only fetching needs
 
 
 def version() -> str:
@@ -124,16 +125,23 @@ def blockdev_wait(args: list[str]) -> int:
     import importlib
     import json
 
-    if len(args) != 2 or args[0] != "--opts-fd" or not args[1].isdigit():
-        print("usage: seedboot-agent blockdev-wait --opts-fd FD", file=sys.stderr)
+    if (
+        len(args) not in (2, 3)
+        or args[0] != "--opts-fd"
+        or not args[1].isdigit()
+        or args[2:3] not in ([], ["--offline"])
+    ):
+        print("usage: seedboot-agent blockdev-wait --opts-fd FD [--offline]", file=sys.stderr)
         return 2
     fd = int(args[1])
+    # offline, nothing is fetched: pycurl (libcurl, OpenSSL: 0.12 s under emulation) stays out
+    modules = [m for m in DAEMON_MODULES if not (args[2:] and m in NETWORK_MODULES)]
     # Import only when PID 1 is idle: it is on the boot's critical path, this is not (yet).
     # PID 1 sets the priority back before it hands over the command line.
     os.nice(10)
     import time
 
-    for name in DAEMON_MODULES:
+    for name in modules:
         try:
             t = time.monotonic()
             importlib.import_module(name)

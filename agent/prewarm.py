@@ -85,21 +85,23 @@ def set_argv0(name: str) -> None:
     libc.prctl(PR_SET_NAME, name.lstrip("@").encode()[:15], 0, 0, 0)
 
 
-def fork_daemon(argv0: str, opts_r: int, log_path: Path, parent_fds: tuple[int, ...]) -> Child:
+def fork_daemon(
+    argv0: str, opts_r: int, log_path: Path, parent_fds: tuple[int, ...], offline: bool = False
+) -> Child:
     """Fork the daemon: it logs to LOG_PATH and reads its command line from OPTS_R (an empty
     one ends it). PARENT_FDS are PID 1's ends of its pipes: the child closes them, or it would
-    never see the end of its command line."""
+    never see the end of its command line. OFFLINE: it will fetch nothing (fewer imports)."""
     logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()  # or the child would write PID 1's buffered output a second time
     pid = os.fork()
     if pid == 0:
-        _child(argv0, opts_r, logfd, parent_fds)
+        _child(argv0, opts_r, logfd, parent_fds, offline)
     os.close(logfd)
     return Child(pid)
 
 
-def _child(argv0: str, opts_r: int, logfd: int, parent_fds: tuple[int, ...]) -> NoReturn:
+def _child(argv0: str, opts_r: int, logfd: int, parent_fds: tuple[int, ...], offline: bool) -> NoReturn:
     code = 70
     try:
         for fd in parent_fds:
@@ -122,7 +124,7 @@ def _child(argv0: str, opts_r: int, logfd: int, parent_fds: tuple[int, ...]) -> 
         set_argv0(argv0)
         from seedboot.agent.main import blockdev_wait
 
-        code = blockdev_wait(["--opts-fd", str(opts_r)])
+        code = blockdev_wait(["--opts-fd", str(opts_r), *(["--offline"] if offline else [])])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

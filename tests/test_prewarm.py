@@ -39,6 +39,21 @@ def test_forked_daemon_is_a_storage_daemon_and_ends_without_a_command_line(tmp_p
     assert _cmdline(os.getpid()).split(b"\0")[0] != b"@seedboot-blockdev", "the parent keeps its name"
 
 
+def test_offline_daemon_does_not_load_what_only_fetching_needs(tmp_path: Path) -> None:
+    """seed.offline: nothing is fetched, so pycurl (libcurl and OpenSSL) is not loaded early."""
+    logs = {}
+    for offline in (False, True):
+        opts_r, opts_w = os.pipe()
+        log = tmp_path / f"blockdev-{offline}.log"
+        child = fork_daemon("@seedboot-blockdev", opts_r, log, (opts_w,), offline=offline)
+        os.close(opts_r)
+        os.close(opts_w)
+        assert child.wait() == 0
+        logs[offline] = log.read_text()
+    assert "blockdev-wait: pycurl imported" in logs[False]
+    assert "pycurl" not in logs[True] and "blockdev-wait: seedboot.agent.pyfuse imported" in logs[True]
+
+
 SHORT_ARGV = """
 import ctypes, os
 from seedboot.agent.prewarm import set_argv0

@@ -70,7 +70,7 @@ def prewarm(ctx: Context) -> Prewarmed | None:
     ctx.paths.run.mkdir(parents=True, exist_ok=True)
     logpath = ctx.paths.blockdev_log
     try:
-        proc = fork_daemon(ARGV0, opts_r, logpath, (opts_w, ready_r))
+        proc = fork_daemon(ARGV0, opts_r, logpath, (opts_w, ready_r), offline=ctx.cmdline.offline)
     except OSError:
         for fd in (opts_w, ready_r, ready_w):
             os.close(fd)
