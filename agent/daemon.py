@@ -36,8 +36,8 @@ from seedboot.agent import profile as profilemod
 from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder, mirrors_status
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
-from seedboot.agent.fetcher import Fetcher
-from seedboot.agent.localcopy import LocalCopy
+from seedboot.agent.fetcher import DEMAND, Fetcher
+from seedboot.agent.localcopy import LocalCopy, watch_verity_errors
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
@@ -370,8 +370,6 @@ def _mend_copy_on_verity_errors(copy: LocalCopy, dev: BlockDevice, verity_block:
     """A block of the local copy that dm-verity finds corrupt (the disk altered or damaged
     while the machine was off) leaves the copy's map at once and is copied again from a
     verified block: the read that hit it failed, the next ones and the next boot do not."""
-    from seedboot.agent.fetcher import DEMAND
-    from seedboot.agent.localcopy import watch_verity_errors
     from seedboot.agent.verity import DM_NAME
 
     bs = dev.index.block_size

@@ -71,7 +71,7 @@ def read_map(map_path: Path, nblocks: int) -> set[int]:
 def local_flags(index: Index, copied: set[int]) -> bytearray:
     """One byte per block: 1 where it comes from the copy (copied, or a hole: zeros in the
     sparse file), 0 where from the FUSE file."""
-    flags = bytearray(1 if n == 0 else 0 for n in index.lengths)
+    flags = bytearray(map((0).__eq__, index.lengths))  # a hole's stored length is 0
     for b in copied:
         flags[b] = 1
     return flags

@@ -66,8 +66,8 @@ def direct_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def index_digest(mirror: Path) -> str:
-    meta = json.loads((mirror / layout.meta_path(NAME, 1)).read_bytes())
+def index_digest(mirror: Path, version: int = 1) -> str:
+    meta = json.loads((mirror / layout.meta_path(NAME, version)).read_bytes())
     digest: str = meta["index"]
     return digest
 
@@ -171,8 +171,7 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     pf, cp = st["prefetch"], st["copy"]
     assert isinstance(pf, dict) and isinstance(cp, dict) and pf["complete"] and not cp["queued"]
     assert pf["done"] == len(order) and not pf["failed"]
-    meta = json.loads((mirror / layout.meta_path(NAME, 2)).read_bytes())
-    img, map_path = localcopy.paths(cache, NAME, meta["index"])
+    img, map_path = localcopy.paths(cache, NAME, index_digest(mirror, 2))
     copied = localcopy.usable(img, map_path, idx)
     assert set(order) <= copied  # (and what the mount's own check that it answers read)
     image, copy = published.image.read_bytes(), img.read_bytes()
