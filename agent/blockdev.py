@@ -20,9 +20,7 @@ first-read trace (``Recorder``) and the status snapshot.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -34,7 +32,7 @@ from typing import Any
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.blocks import decompress, verify
-from seedboot.agent.cache import BlockCache
+from seedboot.agent.cache import BlockCache, write_priority
 from seedboot.agent.errors import BlockInvalid
 from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
 from seedboot.agent.index import Index
@@ -47,16 +45,15 @@ log = logging.getLogger(__name__)
 # request that asked not to keep the block (keep=False: it only has to reach the cache)
 Deliver = Callable[[bytes | None, str], None]
 
-# In-flight writes to the cache, beyond which verification (and so fetching) waits, once it
-# has delivered the block it holds: this bounds the memory a fast mirror and a slow disk can
-# pile up. Each write waits for a syncfs (~5 ms here) that the writers waiting at that
-# moment share (cache.GroupSync): several writer threads make the groups.
-MAX_PENDING_WRITES = 24
-
-# Cache writes run at this nice value: no reader waits for them (it has its block before the
-# write starts), while under emulation the booting machine is CPU-bound and every write
-# (file, syncfs, rename) takes CPU from it.
-WRITE_NICE = 10
+# Fetched blocks waiting for their cache write, beyond which verification (and so fetching)
+# waits, once it has delivered the block it holds: this bounds the memory a fast mirror and a
+# slow disk can pile up. One thread writes them in batches, each batch what queued while the
+# last one was synced (cache.SYNC_INTERVAL apart): at 0 ms a boot's profile arrives at ~90
+# blocks/s under emulation, so a batch is ~45 blocks. The bound is in bytes of block size,
+# between MIN and MAX_PENDING_WRITES blocks.
+PENDING_WRITE_BYTES = 16 << 20
+MIN_PENDING_WRITES = 8
+MAX_PENDING_WRITES = 64
 
 # Decompressed blocks kept in memory for re-reads (a block is read in pieces, minutes apart:
 # keeping 12 meant 313 decompressions for the 254 blocks of a Debian boot, 48 mean 214), as
@@ -88,10 +85,9 @@ class Workers:
     costs a queue put and get: a ThreadPoolExecutor adds a Future (a condition variable
     and its lock) and a semaphore check per call, paid on every block read."""
 
-    def __init__(self, n: int, name: str, nice: int = 0) -> None:
+    def __init__(self, n: int, name: str) -> None:
         self.n = n
         self.name = name
-        self.nice = nice
         self.queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
             queue.SimpleQueue()
         )
@@ -110,9 +106,6 @@ class Workers:
                     t.start()
 
     def _run(self) -> None:
-        if self.nice:
-            with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         while True:
             with self.lock:
                 self.idle += 1
@@ -182,7 +175,6 @@ class BlockDevice:
         fetcher: Fetcher | None,
         memory_blocks: int = MEMORY_BLOCKS,
         io_threads: int = 4,
-        write_threads: int = 6,
     ) -> None:
         self.index = index
         self.cache = cache
@@ -202,8 +194,12 @@ class BlockDevice:
         # verify and decompress, and two threads left the CPU idle waiting on the disk
         self.io_pool = Workers(io_threads, "cache-read")
         self.ahead_pool = Workers(io_threads, "cache-ahead")
-        self.write_pool = Workers(write_threads, "cache-write", nice=WRITE_NICE)
-        self.write_slots = threading.BoundedSemaphore(MAX_PENDING_WRITES)
+        self.write_queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self.write_queued_bytes = 0
+        slots = PENDING_WRITE_BYTES // index.block_size
+        self.write_slots = threading.BoundedSemaphore(max(MIN_PENDING_WRITES, min(MAX_PENDING_WRITES, slots)))
+        self.writer = threading.Thread(target=self._writer, name="cache-write", daemon=True)
+        self.writer.start()
         self.zero = bytes(index.block_size)
         self.started = time.monotonic()
         cache.pinned = self._pinned
@@ -211,7 +207,8 @@ class BlockDevice:
     def close(self) -> None:
         self.io_pool.close(cancel=True)
         self.ahead_pool.close(cancel=True)
-        self.write_pool.close()
+        self.write_queue.put(None)
+        self.writer.join()
 
     def _pinned(self, digest: str) -> bool:
         with self.lock:
@@ -342,7 +339,9 @@ class BlockDevice:
             # fetching (this verify thread) waits for the disk's fsyncs, not reads
             self._deliver(d, plain, "")
             self.write_slots.acquire()
-            self.write_pool.submit(self._write, d, stored)
+            with self.lock:
+                self.write_queued_bytes += len(stored)
+            self.write_queue.put((d, stored))
 
         with self.lock:
             keep = self.pending[d].keep
@@ -369,13 +368,41 @@ class BlockDevice:
                 room = len(self.plain) + (budget - rss) // bs // 2
                 self.memory_limit = min(self.memory_blocks, max(self.memory_limit, room))
 
-    def _write(self, d: str, stored: bytes) -> None:
-        try:
-            self.cache.put(d, stored)
-        finally:
-            with self.lock:
-                self.writing.pop(d, None)
-            self.write_slots.release()
+    def writing_bytes(self) -> int:
+        """Bytes of fetched blocks queued for the cache, not yet in its files."""
+        return self.write_queued_bytes
+
+    def _writer(self) -> None:
+        """Write fetched blocks to the cache, a batch per sync: wait for the next sync to be
+        due, then take all that queued meanwhile."""
+        write_priority()
+        while True:
+            item = self.write_queue.get()
+            delay = self.cache.group.next_start() - time.monotonic()
+            if item is not None and delay > 0:
+                time.sleep(delay)
+            batch: list[tuple[str, bytes]] = []
+            while item is not None:
+                batch.append(item)
+                try:
+                    item = self.write_queue.get_nowait()
+                except queue.Empty:
+                    break
+            with self.lock:  # on disk from here on: statvfs counts them
+                self.write_queued_bytes -= sum(len(v) for _, v in batch)
+            try:
+                if batch:
+                    self.cache.put_many(batch)
+            except Exception:
+                log.exception("cache-write: %d blocks failed", len(batch))
+            finally:
+                with self.lock:
+                    for d, _ in batch:
+                        self.writing.pop(d, None)
+                for _ in batch:
+                    self.write_slots.release()
+            if item is None:
+                return
 
     def _deliver(self, d: str, plain: bytes | None, error: str) -> None:
         with self.lock:

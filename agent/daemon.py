@@ -269,7 +269,11 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     stop_trim = _bound_memory(dev.fit_memory)
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
-    copy = LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index) if opts.local_copy else None
+    copy = (
+        LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index, dev.writing_bytes)
+        if opts.local_copy
+        else None
+    )
     if copy is not None and rel.meta.verity is not None:
         _mend_copy_on_verity_errors(copy, dev, rel.meta.verity.data_block_size)
     prefetcher: Prefetcher | None = None

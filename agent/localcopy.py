@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from seedboot.agent.cache import write_priority
 from seedboot.agent.dm import Target
 from seedboot.agent.index import Index
 
@@ -46,7 +47,6 @@ MIN_FREE = 0.30
 MAX_QUEUED = 48
 # Blocks written per fdatasync.
 BATCH = 16
-WRITE_NICE = 10
 _ENTRY = struct.Struct("<I")
 NETLINK_KOBJECT_UEVENT = 15
 SYS_BLOCK = "/sys/block"
@@ -124,8 +124,13 @@ def usable(img: Path, map_path: Path, index: Index) -> set[int]:
 class LocalCopy:
     """The daemon's writer: ``add(b, plain)`` from the read path, written by one thread."""
 
-    def __init__(self, cache: Path, name: str, index: Index, index_digest: str) -> None:
+    def __init__(
+        self, cache: Path, name: str, index: Index, index_digest: str, reserved: Callable[[], int] = lambda: 0
+    ) -> None:
         self.index = index
+        # bytes the block cache is about to write to the same file system (blocks batched
+        # for their sync): the copy leaves room for them too
+        self.reserved = reserved
         self.img, self.map = paths(cache, name, index_digest)
         self.img.parent.mkdir(parents=True, exist_ok=True)
         for old in self.img.parent.iterdir():
@@ -186,8 +191,7 @@ class LocalCopy:
         }
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
+        write_priority()
         while True:
             item = self.queue.get()
             if item is None:
@@ -219,7 +223,7 @@ class LocalCopy:
         """Whether the batch leaves MIN_FREE of the file system free; if not it is skipped
         (its blocks are copied when read again, once eviction or the user made room)."""
         st = os.fstatvfs(self.fd)
-        need = sum(len(p) for _, p in batch)
+        need = sum(len(p) for _, p in batch) + self.reserved()
         room = st.f_bavail * st.f_frsize - need >= MIN_FREE * st.f_blocks * st.f_frsize
         if room != self.room:
             self.room = room

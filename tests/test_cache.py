@@ -4,8 +4,10 @@ after a crash mid-write."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
+import time
 from pathlib import Path
 
 from seedboot.agent import layout
@@ -19,6 +21,7 @@ def block(i: int, size: int = 300) -> tuple[str, bytes]:
 
 def test_eviction_is_lru_down_to_the_low_mark_and_spares_pinned(tmp_path: Path) -> None:
     cache = BlockCache(tmp_path, max_bytes=3000)
+    cache.group.interval = 0  # one sync per put here: the order of puts is the LRU order
     digests = []
     for i in range(10):
         d, data = block(i)
@@ -82,3 +85,33 @@ def test_concurrent_writers_share_syncs_and_every_block_lands(tmp_path: Path) ->
     for d, data in blocks:
         assert cache.path(d).read_bytes() == data
     assert not [p for p in (tmp_path / "blocks").glob("*/.*")], "no temporary file is left"
+
+
+def test_a_batch_shares_one_sync_and_syncs_are_spaced(tmp_path: Path) -> None:
+    """put_many: every block of a batch lands after one sync; a sync never starts sooner than
+    the interval after the one before (a boot's profile shares a few instead of one per
+    handful of blocks)."""
+    cache = BlockCache(tmp_path)
+    cache.group.interval = 0.3
+    starts: list[float] = []
+    real_syncfs = cache.group._syncfs
+
+    def syncfs(fd: int) -> int:
+        starts.append(time.monotonic())
+        return int(real_syncfs(fd))
+
+    cache.group._syncfs = syncfs  # type: ignore[assignment]
+    batch = [block(i, 64 * 1024) for i in range(20)]
+    cache.put_many([*batch, batch[0]])  # a digest twice in one batch is written once
+    assert cache.group.syncs == 1
+    for d, data in batch:
+        assert cache.path(d).read_bytes() == data
+    assert cache.use().blocks == 20
+    for i in range(20, 23):
+        cache.put(*block(i))
+    assert len(starts) == 4
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.3, gaps
+    assert not [p for p in (tmp_path / "blocks").glob("*/.*")], "no temporary file is left"
+    again = BlockCache(tmp_path)
+    assert again.use().blocks == 23

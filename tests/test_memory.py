@@ -22,14 +22,15 @@ MB = 1024 * 1024
 def _device(tmp_path: Path, memory_blocks: int = 24) -> tuple[BlockDevice, list[bytes]]:
     cache = BlockCache(tmp_path / "cache")
     index = Index(block_size=BS, image_size=N * BS)
-    plains = []
+    plains, stored_blocks = [], []
     for i in range(N):
         plain = os.urandom(BS // 2) + bytes([i]) * (BS // 2)
         stored = blocks.compress(plain)
-        cache.put(blocks.name_of(stored), stored)
+        stored_blocks.append((blocks.name_of(stored), stored))
         index.digests.append(bytes.fromhex(blocks.name_of(stored)))
         index.lengths.append(len(stored))
         plains.append(plain)
+    cache.put_many(stored_blocks)
     return BlockDevice(index, cache, None, memory_blocks=memory_blocks), plains
 
 
