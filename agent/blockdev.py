@@ -32,7 +32,7 @@ from typing import Any
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.blocks import decompress, verify
-from seedboot.agent.cache import BlockCache, write_priority
+from seedboot.agent.cache import BatchWriter, BlockCache
 from seedboot.agent.errors import BlockInvalid
 from seedboot.agent.fetcher import DEMAND, PREFETCH, READAHEAD, Fetcher, Job
 from seedboot.agent.index import Index
@@ -45,12 +45,10 @@ log = logging.getLogger(__name__)
 # request that asked not to keep the block (keep=False: it only has to reach the cache)
 Deliver = Callable[[bytes | None, str], None]
 
-# Fetched blocks waiting for their cache write, beyond which verification (and so fetching)
-# waits, once it has delivered the block it holds: this bounds the memory a fast mirror and a
-# slow disk can pile up. One thread writes them in batches, each batch what queued while the
-# last one was synced (cache.SYNC_INTERVAL apart): at 0 ms a boot's profile arrives at ~90
-# blocks/s under emulation, so a batch is ~45 blocks. The bound is in bytes of block size,
-# between MIN and MAX_PENDING_WRITES blocks.
+# Fetched blocks waiting for their cache write (cache.BatchWriter), beyond which verification
+# (and so fetching) waits, once it has delivered the block it holds. At 0 ms a boot's profile
+# arrives at ~90 blocks/s under emulation, ~45 per cache.SYNC_INTERVAL. The bound is in bytes
+# of block size, between MIN and MAX_PENDING_WRITES blocks.
 PENDING_WRITE_BYTES = 16 << 20
 MIN_PENDING_WRITES = 8
 MAX_PENDING_WRITES = 64
@@ -194,12 +192,8 @@ class BlockDevice:
         # verify and decompress, and two threads left the CPU idle waiting on the disk
         self.io_pool = Workers(io_threads, "cache-read")
         self.ahead_pool = Workers(io_threads, "cache-ahead")
-        self.write_queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
-        self.write_queued_bytes = 0
-        slots = PENDING_WRITE_BYTES // index.block_size
-        self.write_slots = threading.BoundedSemaphore(max(MIN_PENDING_WRITES, min(MAX_PENDING_WRITES, slots)))
-        self.writer = threading.Thread(target=self._writer, name="cache-write", daemon=True)
-        self.writer.start()
+        slots = max(MIN_PENDING_WRITES, min(MAX_PENDING_WRITES, PENDING_WRITE_BYTES // index.block_size))
+        self.writer = BatchWriter(cache, slots, self._written)
         self.zero = bytes(index.block_size)
         self.started = time.monotonic()
         cache.pinned = self._pinned
@@ -207,8 +201,7 @@ class BlockDevice:
     def close(self) -> None:
         self.io_pool.close(cancel=True)
         self.ahead_pool.close(cancel=True)
-        self.write_queue.put(None)
-        self.writer.join()
+        self.writer.close()
 
     def _pinned(self, digest: str) -> bool:
         with self.lock:
@@ -338,10 +331,7 @@ class BlockDevice:
             # the reader has its block before this thread waits for a write slot: only
             # fetching (this verify thread) waits for the disk's fsyncs, not reads
             self._deliver(d, plain, "")
-            self.write_slots.acquire()
-            with self.lock:
-                self.write_queued_bytes += len(stored)
-            self.write_queue.put((d, stored))
+            self.writer.put(d, stored)
 
         with self.lock:
             keep = self.pending[d].keep
@@ -370,39 +360,12 @@ class BlockDevice:
 
     def writing_bytes(self) -> int:
         """Bytes of fetched blocks queued for the cache, not yet in its files."""
-        return self.write_queued_bytes
+        return self.writer.queued_bytes
 
-    def _writer(self) -> None:
-        """Write fetched blocks to the cache, a batch per sync: wait for the next sync to be
-        due, then take all that queued meanwhile."""
-        write_priority()
-        while True:
-            item = self.write_queue.get()
-            delay = self.cache.group.next_start() - time.monotonic()
-            if item is not None and delay > 0:
-                time.sleep(delay)
-            batch: list[tuple[str, bytes]] = []
-            while item is not None:
-                batch.append(item)
-                try:
-                    item = self.write_queue.get_nowait()
-                except queue.Empty:
-                    break
-            with self.lock:  # on disk from here on: statvfs counts them
-                self.write_queued_bytes -= sum(len(v) for _, v in batch)
-            try:
-                if batch:
-                    self.cache.put_many(batch)
-            except Exception:
-                log.exception("cache-write: %d blocks failed", len(batch))
-            finally:
-                with self.lock:
-                    for d, _ in batch:
-                        self.writing.pop(d, None)
-                for _ in batch:
-                    self.write_slots.release()
-            if item is None:
-                return
+    def _written(self, digests: list[str]) -> None:
+        with self.lock:
+            for d in digests:
+                self.writing.pop(d, None)
 
     def _deliver(self, d: str, plain: bytes | None, error: str) -> None:
         with self.lock:
