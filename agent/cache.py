@@ -47,16 +47,6 @@ TOUCH_EVERY = 600.0
 # sync at all): each one also flushes the local copy's pages and commits the journal.
 SYNC_INTERVAL = 0.5
 BURST_GAP = 0.1
-# Threads that write to the cache's file system (blocks, the local copy) run at this nice
-# value: no reader waits for them, while under emulation the booting machine is CPU-bound
-# and every write takes CPU from it.
-WRITE_NICE = 10
-
-
-def write_priority() -> None:
-    """Lower the calling thread to WRITE_NICE (a thread's nice value is its own on Linux)."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
 
 
 @dataclass
@@ -342,7 +332,9 @@ class BatchWriter:
         self.thread.join()
 
     def _run(self) -> None:
-        write_priority()
+        # Not niced (as the local copy's writer is): the machine may be powered off right after its reads (the
+        # offline boot after it needs their blocks), and behind a busy CPU-bound guest a
+        # nice 10 writer left a batch unwritten for seconds. Batched, the writes cost little.
         last = time.monotonic() - SYNC_INTERVAL
         while True:
             item = self.queue.get()

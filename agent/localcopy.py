@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from seedboot.agent.cache import write_priority
 from seedboot.agent.dm import Target
 from seedboot.agent.index import Index
 
@@ -47,6 +46,9 @@ MIN_FREE = 0.30
 MAX_QUEUED = 48
 # Blocks written per fdatasync.
 BATCH = 16
+# The writer's nice value: no reader waits for it, while under emulation the booting machine
+# is CPU-bound and every write takes CPU from it.
+WRITE_NICE = 10
 _ENTRY = struct.Struct("<I")
 NETLINK_KOBJECT_UEVENT = 15
 SYS_BLOCK = "/sys/block"
@@ -191,7 +193,8 @@ class LocalCopy:
         }
 
     def _run(self) -> None:
-        write_priority()
+        with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
         while True:
             item = self.queue.get()
             if item is None:
