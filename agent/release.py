@@ -54,15 +54,20 @@ def load_keys(paths: list[Path] | list[str]) -> list[signature.PublicKey]:
 def latest_version(reader: Reader, name: str) -> int:
     layout.check_name(name)
     try:
-        text = reader.get(layout.latest_path(name)).decode("ascii", "replace").strip()
+        data = reader.get(layout.latest_path(name))
     except NotFound as e:
         raise SeedError(
             f"image {name!r} is not on mirror {reader.location}", "check --name (seedboot info lists images)"
         ) from e
+    return parse_latest(data, f"{reader.location}/{layout.latest_path(name)}")
+
+
+def parse_latest(data: bytes, what: str) -> int:
+    """The version number a ``NAME/latest`` file holds (unsigned: only which metadata to fetch;
+    the signed metadata then says which version it is)."""
+    text = data.decode("ascii", "replace").strip()
     if not text.isdigit():
-        raise FormatError(
-            f"{reader.location}: {layout.latest_path(name)} is not a version number: {text[:40]!r}"
-        )
+        raise FormatError(f"{what} is not a version number: {text[:40]!r}")
     return int(text)
 
 

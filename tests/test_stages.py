@@ -245,6 +245,19 @@ def test_mirror_and_trust_online_then_offline(tmp_path: Path, published: tuple[N
     assert "older version 1" in trust.run(old)
 
 
+def test_a_lone_mirror_is_asked_for_latest_once(tmp_path: Path, published: tuple[Nginx, Path, Path]) -> None:
+    """Every request before the block device is a round trip the boot waits for (0.1 s each at
+    100 ms): a lone mirror is probed once, and the trust stage starts from what it said."""
+    server, _key, pub = published
+    ctx = context(tmp_path, f"seed.name=demo seed.mirrors={server.url}", io.StringIO())
+    (ctx.paths.keys / "test.pub").write_bytes(pub.read_bytes())
+    mirror.run(ctx)
+    assert "demo v2 verified" in trust.run(ctx)
+    asked = [r.split()[1] for r in server.requests()]
+    assert asked.count("/demo/latest") == 1, asked
+    assert "/demo/meta/2.json" in asked
+
+
 def test_trust_refuses_untrusted_key_and_empty_cache(
     tmp_path: Path, published: tuple[Nginx, Path, Path]
 ) -> None:

@@ -82,6 +82,7 @@ class Context:
     cache_kind: str = ""  # "disk" or "ram"
     mirrors: list[str] = field(default_factory=list)  # ranked, best first
     mirror_errors: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, int] = field(default_factory=dict)  # mirror -> its NAME/latest, as probed
     mirror: str | None = None
     release: Release | None = None
     clock_note: str = ""

@@ -9,12 +9,14 @@ retrying the mirrors with backoff.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 
 from seedboot.agent import layout
 from seedboot.agent.errors import SeedError
+from seedboot.agent.release import parse_latest
 from seedboot.agent.stages import Context
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ def run(ctx: Context) -> str:
     ranked = probe(urls, layout.latest_path(name))
     ctx.timings["wait:mirror"] = time.monotonic() - start
     alive = [m for m in ranked.mirrors if m.ttfb is not None]
+    for m in alive:
+        with contextlib.suppress(SeedError):  # the trust stage asks again and says what is wrong
+            if m.probed is not None:
+                ctx.latest[m.url] = parse_latest(m.probed, m.url)
     ctx.mirror_errors = {m.url: m.last_error for m in ranked.mirrors if m.ttfb is None}
     ctx.mirrors = [m.url for m in alive] + [m.url for m in ranked.mirrors if m.ttfb is None]
     if not alive:

@@ -87,7 +87,7 @@ def from_mirrors(ctx: Context, name: str, keys: list[PublicKey]) -> tuple[Releas
                 HttpReader(url),
                 name,
                 keys,
-                ctx.cmdline.version,
+                ctx.cmdline.version if ctx.cmdline.version is not None else ctx.latest.get(url),
                 tolerance=rollback.DEFAULT_TOLERANCE,
                 state_dir=ctx.paths.cache,
                 allow_older=ctx.cmdline.version is not None,
