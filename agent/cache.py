@@ -8,9 +8,9 @@ A block file only ever appears complete: it is written to a temporary name, made
 and renamed. Durable is one ``syncfs`` of the cache's filesystem shared by all the writers
 waiting at that moment (a group commit): the same guarantee as an fsync per file, with one
 journal commit and one disk flush for the lot; fetched blocks go through ``BatchWriter``,
-so a burst of them (a boot's profile) shares a few syncs. The directory is not fsynced: after a power
-loss a block may be missing, which costs one refetch, never a wrong byte. A stale temporary
-file from a crash is removed at open. Whatever is on disk is verified against the index the
+so a burst of them (a boot's profile) shares a few syncs. The directory is not fsynced:
+after a power loss a block may be missing, which costs one refetch, never a wrong byte. A
+stale temporary file from a crash is removed at open. Whatever is on disk is verified against the index the
 first time a mount reads it, so even a damaged file is caught and dropped, not served.
 
 Eviction is by watermark: above the high mark (``--cache-max``, or 90% of the cache's
@@ -316,7 +316,6 @@ class BatchWriter:
         self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.queued_bytes = 0
-        self.batches = 0
         self.thread = threading.Thread(target=self._run, name="cache-write", daemon=True)
         self.thread.start()
 
@@ -332,9 +331,10 @@ class BatchWriter:
         self.thread.join()
 
     def _run(self) -> None:
-        # Not niced (as the local copy's writer is): the machine may be powered off right after its reads (the
-        # offline boot after it needs their blocks), and behind a busy CPU-bound guest a
-        # nice 10 writer left a batch unwritten for seconds. Batched, the writes cost little.
+        # Not niced (as the local copy's writer is): the machine may be powered off right
+        # after its reads (and the offline boot after it needs their blocks), and behind a
+        # busy CPU-bound guest a nice 10 writer left a batch unwritten for seconds. Batched,
+        # the writes cost little.
         last = time.monotonic() - SYNC_INTERVAL
         while True:
             item = self.queue.get()
@@ -347,8 +347,8 @@ class BatchWriter:
                 except queue.Empty:
                     break
             if batch:
-                self._write(batch)
                 last = time.monotonic()
+                self._write(batch)
             if item is None:
                 return
 
@@ -360,7 +360,6 @@ class BatchWriter:
         except Exception:
             log.exception("cache: writing %d blocks failed", len(batch))
         finally:
-            self.batches += 1
             self.done([d for d, _ in batch])
             for _ in batch:
                 self.slots.release()
