@@ -305,13 +305,15 @@ class BlockCache:
 class BatchWriter:
     """Fetched blocks on their way to the cache, written by one thread in batches: a batch is
     what arrived until SYNC_INTERVAL after the last sync began, or until BURST_GAP passed
-    without a block. ``put`` waits while ``slots`` blocks are queued (this bounds the memory a
-    fast mirror and a slow disk can pile up); ``done`` gets each batch's digests once they
-    are in the cache (or failed to be: the cache logged why)."""
+    without a block, or until it holds half the slots. ``put`` waits while ``slots`` blocks
+    are queued (this bounds the memory a fast mirror and a slow disk can pile up); ``done``
+    gets each batch's digests once they are in the cache (or failed to be: the cache logged
+    why)."""
 
     def __init__(self, cache: BlockCache, slots: int, done: Callable[[list[str]], None]) -> None:
         self.cache = cache
         self.slots = threading.BoundedSemaphore(slots)
+        self.max_batch = max(1, slots // 2)
         self.done = done
         self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
@@ -341,6 +343,8 @@ class BatchWriter:
             batch: list[tuple[str, bytes]] = []
             while item is not None:
                 batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break  # blocks come faster than the interval: no put may wait for it
                 wait = min(last + SYNC_INTERVAL - time.monotonic(), BURST_GAP)
                 try:
                     item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
