@@ -10,8 +10,9 @@ waiting at that moment (a group commit): the same guarantee as an fsync per file
 journal commit and one disk flush for the lot; fetched blocks go through ``BatchWriter``,
 so a burst of them (a boot's profile) shares a few syncs. The directory is not fsynced:
 after a power loss a block may be missing, which costs one refetch, never a wrong byte. A
-stale temporary file from a crash is removed at open. Whatever is on disk is verified against the index the
-first time a mount reads it, so even a damaged file is caught and dropped, not served.
+stale temporary file from a crash is removed at open. Whatever is on disk is verified
+against the index the first time a mount reads it, so even a damaged file is caught and
+dropped, not served.
 
 Eviction is by watermark: above the high mark (``--cache-max``, or 90% of the cache's
 filesystem) the least recently used blocks go until the cache is under the low mark (75% of
