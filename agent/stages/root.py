@@ -184,7 +184,7 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
     copied = localcopy.usable(img, map_path, index)
     if not copied:
-        return fuse_dev, "; no local copy yet (the blocks read now are kept for the next boot)"
+        return fuse_dev, f"; no local copy yet (the blocks read now are kept for the next boot){profile}"
     try:
         copy_dev, copy_fd = attach_loop(img)
     except OSError as e:
