@@ -169,9 +169,9 @@ def wants_copy(ctx: Context) -> bool:
 
 
 def run(ctx: Context) -> str:
-    from seedboot.agent.stages.hardware import settle
+    from seedboot.agent.stages.hardware import wait_quick
 
-    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
+    wait_quick(ctx)  # fuse (the slow disk drivers may go on loading: the root stage settles them)
     from seedboot.agent.mount_options import MountOptions
 
     rel = ctx.release

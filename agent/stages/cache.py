@@ -100,12 +100,17 @@ def ram(ctx: Context, why: str) -> str:
 
 
 def run(ctx: Context) -> str:
-    from seedboot.agent.stages.hardware import settle
+    from seedboot.agent.stages.hardware import settle, wait_quick
 
-    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
+    # the disk drivers and file systems load in the background since the hardware stage: the
+    # IDE/SATA ones, slow to probe their ports, only matter if the partition is not elsewhere
+    wait_quick(ctx)
     spec = ctx.cmdline.cache
-    deadline = time.monotonic() + CACHE_WAIT
     fs = find(spec)
+    if fs is None:
+        settle(ctx)
+        fs = find(spec)
+    deadline = time.monotonic() + CACHE_WAIT
     if fs is None:
         ctx.console.waiting(f"the cache partition {spec}", CACHE_WAIT)
     while fs is None and time.monotonic() < deadline:
