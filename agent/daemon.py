@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024
 READY_TIMEOUT = 180.0
+# A sequential reader's read-ahead window, in blocks: as many as transfers may be in flight
+# (--conns), up to this. It is fetched into the cache, not held in memory.
+READAHEAD_MAX = 128
 
 
 # -- trust ---------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     # (that is what hides latency); memory holds what is left of its budget (blockdev.MEMORY_BLOCKS)
     dev = BlockDevice(rel.index, cache, fetcher)
     stop_trim = _bound_memory(dev.fit_memory)
-    readahead = ReadAhead(dev, window=max(8, min(opts.conns, 64)), near=4)
+    readahead = ReadAhead(dev, window=max(8, min(opts.conns, READAHEAD_MAX)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     copy = (
         LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index, dev.writing_bytes)

@@ -41,6 +41,7 @@ from typing import Any
 from seedboot.agent import profile as profilemod
 from seedboot.agent.atomic import write_atomic
 from seedboot.agent.errors import SeedError, report
+from seedboot.agent.mount_options import MountOptions
 from seedboot.agent.procfs import stat_fields
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--version", type=int, help="image version (default: the newest; older ones only when named)"
     )
     p.add_argument("--prefetch", choices=("profile", "all", "off"), default="profile")
-    p.add_argument("--conns", type=int, default=64, help="transfers in flight (default 64, hides ~100 ms)")
+    p.add_argument(
+        "--conns",
+        type=int,
+        default=MountOptions.conns,
+        help=f"transfers in flight (default {MountOptions.conns}, hides ~100 ms)",
+    )
     p.add_argument("--offline", action="store_true", help="use only the cache and its verified release")
     p.add_argument("--record", type=Path, metavar="FILE", help="write the first-read order of blocks here")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground until unmounted")
@@ -117,9 +123,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     m.set_defaults(func=run_profile_merge)
 
 
-def _options(args: argparse.Namespace) -> Any:
-    from seedboot.agent.daemon import MountOptions
-
+def _options(args: argparse.Namespace) -> MountOptions:
     if args.conns < 1 or args.conns > 256:
         raise SeedError(f"--conns {args.conns} is out of range", "use 1..256")
     if args.offline and args.cached_release:

@@ -194,7 +194,7 @@ def run(ctx: Context) -> str:
         mirrors=[] if offline else list(ctx.mirrors),
         version=version,
         prefetch=ctx.cmdline.prefetch,
-        conns=ctx.cmdline.conns or 64,
+        conns=ctx.cmdline.conns or MountOptions.conns,
         offline=offline,
         record=record,
         probe=False,
