@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seedboot.agent import layout
 from seedboot.agent.blocks import compress, name_of
-from seedboot.agent.fetcher import DEMAND, PREFETCH, Fetcher, Job
+from seedboot.agent.fetcher import DEMAND, MAX_VERIFYING, PREFETCH, Fetcher, Job
 from seedboot.agent.mirrors import MirrorSet
 from tests.helpers import Nginx
 
@@ -72,3 +72,44 @@ def test_a_read_is_verified_before_the_prefetched_blocks_that_arrived_first(
         fetcher.stop()
     # the prefetched ones in the order their transfers ended, which is the network's business
     assert order[:3] == ["first", "p4", "read"] and sorted(order[3:]) == ["p1", "p2", "p3", "p5", "p6"], order
+
+
+def test_a_stalled_cache_bounds_the_fetched_blocks_held_in_memory(
+    tmp_path: Path, nginx: Callable[..., Nginx]
+) -> None:
+    """When the cache cannot take blocks (its writer is behind), fetched blocks wait in memory
+    for their check and write: no more than MAX_VERIFYING of them, however many transfers the
+    mirror could serve at once (the daemon's memory target, issue 3)."""
+    www = tmp_path / "www"
+    blocks: list[tuple[str, int]] = []
+    for _ in range(MAX_VERIFYING + 20):
+        stored = compress(os.urandom(1024))
+        digest = name_of(stored)
+        path = www / layout.block_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(stored)
+        blocks.append((digest, len(stored)))
+    srv = nginx(www)
+    fetcher = Fetcher(MirrorSet.from_urls([srv.url]), conns=len(blocks), verify_threads=1).start()
+    release = threading.Event()
+    checked: list[str] = []
+
+    def done(plain: bytes | None, stored: bytes | None, error: str) -> None:
+        release.wait(30)  # the cache writer is stuck: the verify thread waits for a slot
+        checked.append(error)
+
+    try:
+        # one at a time, each arriving before the next is asked for (as read-ahead asks)
+        for i, (digest, size) in enumerate(blocks):
+            fetcher.submit(digest, size, 1024, "block", PREFETCH, done, plain=False)
+            if i < MAX_VERIFYING:
+                _until(lambda n=i + 1: fetcher.verifying == n, f"block {i} waiting for its check")
+        time.sleep(0.5)  # what would start now has had the time to arrive
+        stats = fetcher.snapshot()
+        assert (stats.transfers, stats.queued) == (MAX_VERIFYING, len(blocks) - MAX_VERIFYING)
+        release.set()
+        _until(lambda: len(checked) == len(blocks), "every block checked once the cache takes them")
+    finally:
+        release.set()
+        fetcher.stop()
+    assert checked == [""] * len(blocks)
