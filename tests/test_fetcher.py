@@ -23,6 +23,19 @@ def _until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def _publish(www: Path, plains: list[bytes]) -> list[tuple[str, int]]:
+    """Each block stored in WWW laid out like a mirror: (digest, stored length) of each."""
+    blocks = []
+    for plain in plains:
+        stored = compress(plain)
+        digest = name_of(stored)
+        path = www / layout.block_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(stored)
+        blocks.append((digest, len(stored)))
+    return blocks
+
+
 def test_a_read_is_verified_before_the_prefetched_blocks_that_arrived_first(
     tmp_path: Path, nginx: Callable[..., Nginx]
 ) -> None:
@@ -30,14 +43,7 @@ def test_a_read_is_verified_before_the_prefetched_blocks_that_arrived_first(
     not wait behind every prefetched block that happened to finish before it, and neither
     must a prefetched block a reader has joined meanwhile (``raise_priority``)."""
     www = tmp_path / "www"
-    blocks: list[tuple[str, int]] = []
-    for _ in range(9):
-        stored = compress(os.urandom(4096) * 4)
-        digest = name_of(stored)
-        path = www / layout.block_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(stored)
-        blocks.append((digest, len(stored)))
+    blocks = _publish(www, [os.urandom(4096) * 4 for _ in range(9)])
     srv = nginx(www)
     fetcher = Fetcher(MirrorSet.from_urls([srv.url]), conns=16, verify_threads=1).start()
     order: list[str] = []
@@ -81,14 +87,7 @@ def test_a_stalled_cache_bounds_the_fetched_blocks_held_in_memory(
     for their check and write: no more than MAX_VERIFYING of them, however many transfers the
     mirror could serve at once (the daemon's memory target, issue 3)."""
     www = tmp_path / "www"
-    blocks: list[tuple[str, int]] = []
-    for _ in range(MAX_VERIFYING + 20):
-        stored = compress(os.urandom(1024))
-        digest = name_of(stored)
-        path = www / layout.block_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(stored)
-        blocks.append((digest, len(stored)))
+    blocks = _publish(www, [os.urandom(1024) for _ in range(MAX_VERIFYING + 20)])
     srv = nginx(www)
     fetcher = Fetcher(MirrorSet.from_urls([srv.url]), conns=len(blocks), verify_threads=1).start()
     release = threading.Event()
