@@ -456,7 +456,13 @@ class ReadAhead:
     read-ahead ramps up. A boot's reads are scattered, with many short forward runs: replaying
     the benchmark guest's 683 boot reads (issue 7), a full window after each run fetched 381
     blocks beside the 172 read (41 MB of zstd where 12.9 MB were needed); now 25 more (15.4
-    MB). A long sequential read reaches the full window after six blocks."""
+    MB). A long sequential read reaches the full window after six blocks.
+
+    Neighbours: the blocks a boot reads cluster even where its reads do not run in sequence
+    (121 of those 172 blocks lie next to another one read), so every read also fetches the
+    block after it into the cache, and a read that waits for the network the block before it.
+    In that replay the reads that found a block not yet asked for fell from 146 to 78 (each
+    waits a round trip at 100 ms), for 73 more blocks fetched and never read (98 in all)."""
 
     STREAMS = 4
     START = 2
@@ -468,8 +474,12 @@ class ReadAhead:
         self.streams: list[_Stream] = []
 
     def note(self, first: int, last: int) -> None:
+        """Blocks FIRST..LAST were just asked for by a read (after its own requests)."""
         if self.window <= 0:
             return
+        self._neighbour(last + 1)
+        if not self.dev.is_local(first):  # still on its way: this read waits for the network
+            self._neighbour(first - 1)
         s = next((s for s in self.streams if s.last - 1 <= first <= max(s.far, s.last + 1)), None)
         if s is None:
             self.streams.insert(0, _Stream(last=last, near=last + 1, far=last + 1))
@@ -500,6 +510,10 @@ class ReadAhead:
             s.far += 1
             if not self.dev.index.is_hole(b):
                 self.dev.ahead(b)
+
+    def _neighbour(self, b: int) -> None:
+        if 0 <= b < self.dev.index.nblocks and not self.dev.index.is_hole(b):
+            self.dev.ahead(b)
 
 
 def _ignore(plain: bytes | None, error: str) -> None:

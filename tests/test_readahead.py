@@ -24,6 +24,7 @@ class _Device:
         self.index = _Index()
         self.fetcher = object()
         self.wanted: set[int] = set()
+        self.local: set[int] = set()  # in the cache or in memory: a read of these does not wait
 
     def request(self, block: int, priority: int, done: Callable[[bytes | None, str], None]) -> None:
         self.wanted.add(block)
@@ -32,7 +33,7 @@ class _Device:
         self.wanted.add(block)
 
     def is_local(self, block: int) -> bool:
-        return False
+        return block in self.local
 
 
 def _replay(reads: list[tuple[int, int]], window: int = 64) -> set[int]:
@@ -50,14 +51,25 @@ def test_a_sequential_reader_ramps_up_to_the_full_window() -> None:
 
 
 def test_the_first_steps_of_a_run_fetch_little() -> None:
-    assert _replay([(0, 0), (1, 1)]) == set(), "two blocks are not a stream yet"
+    assert _replay([(0, 0), (1, 1)]) == {2}, "two blocks are not a stream yet: only the next block"
     assert _replay([(0, 0), (1, 1), (2, 2)]) == {3, 4}
 
 
-def test_scattered_forward_reads_fetch_nothing_ahead() -> None:
-    # A file system's metadata and small files: forward, but never block after block.
-    reads = [(b, b) for b in range(0, 300, 3)]
-    assert _replay(reads) == set()
+def test_scattered_forward_reads_fetch_only_their_neighbours() -> None:
+    # A file system's metadata and small files: forward, but never block after block. The
+    # blocks around them are often read too (the same directory's files): one each side.
+    reads = [(b, b) for b in range(3, 300, 3)]
+    assert _replay(reads) == {b + d for b in range(3, 300, 3) for d in (-1, 1)}
+
+
+def test_a_read_that_does_not_wait_fetches_only_the_block_after_it() -> None:
+    dev = _Device()
+    dev.local = {10}
+    ra = ReadAhead(dev, window=64, near=4)  # type: ignore[arg-type]
+    ra.note(10, 10)
+    assert dev.wanted == {11}, "a block already here: no miss, only the next one"
+    ra.note(40, 41)
+    assert dev.wanted == {11, 39, 42}, "a read that waits for the network: one each side"
 
 
 def test_jumps_inside_the_window_keep_the_stream_without_growing_it() -> None:
