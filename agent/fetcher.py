@@ -48,9 +48,9 @@ RETRY_DELAY_MAX = 2.0
 # Finished transfers waiting for their check (or, after it, for a cache write slot), at most:
 # beyond it no transfer starts. On a fast link blocks arrive faster than the cache takes them,
 # and each waits in memory: --prefetch all at 0 ms with 128 transfers had ~120 blocks waiting
-# and peaked at 65-67 MB resident. At 100 ms a cap of 16 held back the next wave of requests
-# (152 -> 112 MB/s); 64 is what the 64 transfers in flight of before could hold.
-MAX_VERIFYING = 64
+# and peaked at 65-67 MB resident; with 48 at most, every cold case peaks under 64.5 MB. At
+# 100 ms a cap of 16 held back the next wave of requests (152 -> 112 MB/s); 48 and 64 did not.
+MAX_VERIFYING = 48
 
 # (plain bytes or None, stored bytes or None, error text): success when stored is set; plain
 # is None when the job did not ask for it (``Job.plain``)
