@@ -208,7 +208,7 @@ class Coldplug:
 def settle(ctx: Context) -> None:
     """Every driver loaded and the disks listed: for the stages that need a disk or a file system."""
     if ctx.coldplug is None or ctx.coldplug.settled:
-        return  # the cache, blockdev and root stages each call this: only the first waits
+        return  # the cache and root stages both call this: only the first waits
     waited = ctx.coldplug.settle()
     ctx.disks = disks()
     if waited > 0.05:
