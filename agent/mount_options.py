@@ -21,7 +21,7 @@ class MountOptions:
     version: int | None = None
     prefetch: str = "profile"
     # transfers in flight: on plain HTTP/1.1 one connection each. A cold sequential read at
-    # 100 ms RTT (benchmarks/blockdev.py) ran at 115 MB/s with 64, 136-148 MB/s with 128.
+    # 100 ms RTT (benchmarks/blockdev.py) ran at 115 MB/s with 64, 136-155 MB/s with 128.
     conns: int = 128
     offline: bool = False
     record: Path | None = None
