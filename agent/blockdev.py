@@ -425,7 +425,7 @@ class BlockDevice:
         return {
             "counters": c,
             "pending": pending,
-            "writing": writing,  # fetched blocks not yet in the cache (their writes run at low priority)
+            "writing": writing,  # fetched blocks not yet in the cache (cache.BatchWriter's queue)
             "memory_blocks": memory,
             "memory_limit": self.memory_limit,
             "throughput_current": self.throughput.current(),
@@ -477,9 +477,9 @@ class ReadAhead:
         """Blocks FIRST..LAST were just asked for by a read (after its own requests)."""
         if self.window <= 0:
             return
-        self._neighbour(last + 1)
+        self._ahead(last + 1)
         if not self.dev.is_local(first):  # still on its way: this read waits for the network
-            self._neighbour(first - 1)
+            self._ahead(first - 1)
         s = next((s for s in self.streams if s.last - 1 <= first <= max(s.far, s.last + 1)), None)
         if s is None:
             self.streams.insert(0, _Stream(last=last, near=last + 1, far=last + 1))
@@ -508,10 +508,10 @@ class ReadAhead:
         while s.far < end:
             b = s.far
             s.far += 1
-            if not self.dev.index.is_hole(b):
-                self.dev.ahead(b)
+            self._ahead(b)
 
-    def _neighbour(self, b: int) -> None:
+    def _ahead(self, b: int) -> None:
+        """Block b into the cache, unless it is past either end of the image or a hole."""
         if 0 <= b < self.dev.index.nblocks and not self.dev.index.is_hole(b):
             self.dev.ahead(b)
 

@@ -234,6 +234,12 @@ class Fetcher:
         self.active[c] = _Transfer(job, m, buf, time.monotonic())
         self.multi.add_handle(c)
 
+    def _room(self, starting: int = 0) -> bool:
+        """Whether another transfer may start (with STARTING about to): finished ones waiting
+        for their check hold their slot, and past MAX_VERIFYING of them none starts. Called
+        with self.lock held."""
+        return len(self.active) + self.verifying + starting < self.conns and self.verifying < MAX_VERIFYING
+
     def _fill(self) -> None:
         now = time.monotonic()
         with self.lock:
@@ -244,11 +250,7 @@ class Fetcher:
             failed: list[Job] = []
             prefetching = sum(1 for t in self.active.values() if t.job.prio >= PREFETCH)
             self.held = False
-            while (
-                self.heap
-                and len(self.active) + self.verifying + len(starts) < self.conns
-                and self.verifying < MAX_VERIFYING
-            ):
+            while self.heap and self._room(len(starts)):
                 prio, seq, job = heapq.heappop(self.heap)
                 if job.started or prio != job.prio:
                     continue
@@ -302,12 +304,7 @@ class Fetcher:
         with self.lock:
             if self.delayed:
                 timeout = min(timeout, max(0.0, self.delayed[0][0] - time.monotonic()))
-            if (
-                self.heap
-                and len(self.active) + self.verifying < self.conns
-                and self.verifying < MAX_VERIFYING
-                and not self.held
-            ):
+            if self.heap and self._room() and not self.held:
                 timeout = 0.0
         try:
             ready, _, _ = select.select([*r, self.wake_r], w, x, timeout)
