@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 HIGH = 0.90
 LOW = 0.75
 TOUCH_EVERY = 600.0
+FREEZE_WAIT = 30.0  # seconds freeze() waits for the writes under way (a batch and its sync)
 # BatchWriter: a batch is synced at most this long after the one before, or once no block
 # came for BURST_GAP (a burst ended: its last blocks land at once, not an interval later).
 # Under QEMU's emulation, a syncfs every few blocks (as writers arrived) while a boot's
@@ -137,6 +138,11 @@ class BlockCache:
         self.total = 0
         self.evicted = 0
         self.pinned: Callable[[str], bool] = lambda d: False
+        # why the files no longer change ("" while they may): the machine is shutting down
+        # and the file system is to be left clean (``freeze``); blocks are then served, not kept
+        self.frozen = ""
+        self.writes = threading.Condition()  # guards active_writes: put_many calls under way
+        self.active_writes = 0
         try:
             (root / "blocks").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -199,10 +205,20 @@ class BlockCache:
         finally:
             os.close(fd)
 
+    def freeze(self, why: str) -> None:
+        """Stop changing the cache's files; returns once no block is being written. Reads
+        go on; fetched blocks are no longer kept (they are served from memory)."""
+        with self.writes:
+            self.frozen = why
+            self.writes.wait_for(lambda: self.active_writes == 0, timeout=FREEZE_WAIT)
+        log.info("cache %s: no more writes: %s", self.root, why)
+
     def touch(self, digest: str) -> None:
         """Record a use on disk too, so the LRU order survives a restart. A block used in
         the last ``TOUCH_EVERY`` seconds is left alone: eviction order needs no finer grain,
         and a utime per block read dirties an inode (a journal write) per block."""
+        if self.frozen:
+            return
         path = f"{self.blocks}/{digest[:2]}/{digest}"
         with contextlib.suppress(OSError):
             if time.time() - os.stat(path).st_mtime < TOUCH_EVERY:
@@ -211,8 +227,9 @@ class BlockCache:
 
     def drop(self, digest: str, why: str) -> None:
         log.warning("cache: dropping block %s: %s", digest[:16], why)
-        with contextlib.suppress(FileNotFoundError):
-            self.path(digest).unlink()
+        if not self.frozen:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(digest).unlink()
         self._forget(digest)
 
     def _forget(self, digest: str) -> None:
@@ -228,6 +245,18 @@ class BlockCache:
         """Each block to a temporary file, one shared sync for them all, then each renamed
         into place (no directory fsync: see the module docstring). A block that cannot be
         written is skipped with a warning: it costs a refetch, not the others."""
+        with self.writes:
+            if self.frozen:
+                return
+            self.active_writes += 1  # concurrent callers still share their syncs (GroupSync)
+        try:
+            self._put_many(blocks)
+        finally:
+            with self.writes:
+                self.active_writes -= 1
+                self.writes.notify_all()
+
+    def _put_many(self, blocks: list[tuple[str, bytes]]) -> None:
         temps: list[tuple[str, int, Path]] = []
         failed = False
         seen: set[str] = set()
@@ -274,6 +303,8 @@ class BlockCache:
         return 0
 
     def evict(self, force: bool = False) -> None:
+        if self.frozen:
+            return
         need = self._to_free(force)
         if need <= 0:
             return

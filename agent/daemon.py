@@ -41,6 +41,7 @@ from seedboot.agent.localcopy import LocalCopy, watch_verity_errors
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
+from seedboot.agent.quiesce import Quiesced, quiesce
 from seedboot.agent.reader import DirReader, HttpReader, NotFound
 from seedboot.agent.release import Release, load_keys, open_release, save_release
 from seedboot.agent.rollback import RollbackRefused
@@ -290,6 +291,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
             prefetcher = Prefetcher(dev, order, opts.conns, "profile", copy=copy)
     t0 = time.time()
     cpu_ready = 0.0  # set once it serves
+    quiesced = Quiesced()
 
     def status() -> bytes:
         s: dict[str, Any] = {
@@ -310,6 +312,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
             "cpu": {"total": round(time.process_time(), 2), "to_start": cpu_ready, "threads": _thread_cpu()},
             **dev.status(),
             "copy": copy.status() if copy else None,
+            "quiesced": vars(quiesced) if quiesced.at else None,
         }
         return (json.dumps(s, indent=1) + "\n").encode()
 
@@ -317,6 +320,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         s = {
             "prefetch": prefetcher.status() if prefetcher else {"what": opts.prefetch, "complete": True},
             "copy": copy.status() if copy else None,
+            "quiesced": quiesced.done,
         }
         return (json.dumps(s) + "\n").encode()
 
@@ -348,6 +352,12 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         fs.loop = loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _on_signal, loop, mountpoint, sig)
+        loop.add_signal_handler(
+            signal.SIGUSR1,
+            lambda: loop.run_in_executor(
+                None, quiesce, quiesced, cache, copy, recorder, opts.quiesce_remount
+            ),
+        )
         tuned = loop.run_in_executor(None, _after_init, mountpoint)
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
@@ -361,12 +371,12 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         log.info("mount %s ended; stopping", opts.mountpoint)
         if prefetcher is not None:
             prefetcher.stop()
-        if recorder is not None:
+        if recorder is not None and not quiesced.at:
             recorder.stop()
         if fetcher is not None:
             fetcher.stop()
         dev.close()
-        if copy is not None:
+        if copy is not None and not quiesced.at:
             copy.close()
         stop_trim.set()
         pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)

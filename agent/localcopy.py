@@ -150,6 +150,7 @@ class LocalCopy:
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)  # queued blocks were written
         self.stopped = ""
+        self.closed = False
         self.room = True
         self.written = 0
         self.forgotten = 0
@@ -174,12 +175,20 @@ class LocalCopy:
         self.queue.put((b, plain))
         return True
 
+    def freeze(self, why: str) -> None:
+        """No more writes (the machine shuts down): queued blocks are dropped, the files closed."""
+        self.stopped = why
+        self.close()
+
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
         self.queue.put(None)
         self.thread.join(timeout=30)
-        for fd in (self.fd, self.map_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self.lock:  # not while forget() swaps the map file
+            for fd in (self.fd, self.map_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def status(self) -> dict[str, object]:
         return {
@@ -251,7 +260,7 @@ class LocalCopy:
         boot maps it; True if it was there. Its next read goes through the daemon and copies
         it again: over the bad bytes, which mends this boot's later reads of it too."""
         with self.lock:
-            if b not in self.have:
+            if b not in self.have or self.closed:
                 return False
             self.have.discard(b)
             tmp = self.map.with_name(self.map.name + ".tmp")

@@ -101,6 +101,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also keep the blocks read, decompressed, in CACHE/NAME/copy/<index>.img "
         "(the miniroot maps them under dm-verity on the next boot)",
     )
+    p.add_argument(
+        "--quiesce-remount",
+        action="store_true",
+        help="on SIGUSR1 (the machine shuts down; writes to the cache stop) also remount the "
+        "cache's file system read-only, so it is left clean (the miniroot's cache partition)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.set_defaults(func=run_mount)
@@ -146,6 +152,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         log=args.log.absolute() if args.log else None,
         argv0=args.argv0,
         local_copy=args.local_copy,
+        quiesce_remount=args.quiesce_remount,
     )
 
 

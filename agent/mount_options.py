@@ -32,6 +32,9 @@ class MountOptions:
     log: Path | None = None
     argv0: str | None = None
     local_copy: bool = False
+    # on SIGUSR1 (shutdown) also remount the cache's file system read-only (agent/quiesce.py):
+    # the miniroot's own cache partition, never a host's file system
+    quiesce_remount: bool = False
 
     def to_argv(self) -> list[str]:
         """The mount subcommand's arguments that reproduce these options."""
@@ -59,4 +62,6 @@ class MountOptions:
             a += ["--argv0", self.argv0]
         if self.local_copy:
             a.append("--local-copy")
+        if self.quiesce_remount:
+            a.append("--quiesce-remount")
         return [*a, str(self.mountpoint)]

@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 from seedboot.agent import index as indexmod
 from seedboot.agent import layout
+from seedboot.agent.quiesce import UNIT, install_unit
 from seedboot.tools import keys, publish
 from seedboot.tools.latency_proxy import LatencyProxy
 from tests.helpers import Nginx, free_port, keypair, make_ext4, make_tree, sha256_file, tree_digests
@@ -616,3 +618,57 @@ def test_sigterm_stops_the_daemon_only_when_nothing_uses_the_mount(
     while time.monotonic() < deadline and Path(f"/proc/{m.pid}").exists():
         time.sleep(0.05)
     assert not Path(f"/proc/{m.pid}").exists() and not os.path.ismount(m.mountpoint)
+
+
+def _superblock(image: Path) -> tuple[str, str]:
+    """(state, features) of an ext4 image's superblock as it is on disk."""
+    out = run("dumpe2fs", "-h", image).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return fields["Filesystem state"].strip(), fields["Filesystem features"].strip()
+
+
+def test_sigusr1_leaves_the_cache_file_system_clean_and_reads_go_on(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig
+) -> None:
+    """The miniroot's shutdown: the cache partition is never unmounted (it is out of the booted
+    system's sight), so SIGUSR1 must stop the writes and leave its ext4 clean, no journal to
+    replay at the next mount, while the root file system on top is still being read."""
+    srv = nginx(published.mirror)
+    part = rig.tmp / "part.ext4"
+    run("mkfs.ext4", "-q", "-F", part, "64M")
+    cache = rig.fs_mount("-o", "loop", part, rig.tmp / "knxblock")
+    trace = cache / "boot.trace"
+    m = rig.mount(
+        [srv.url], cache, "--prefetch", "off", "--record", trace, "--quiesce-remount", pub=published.pub
+    )
+    size = published.image.stat().st_size
+    with open(m.disk, "rb") as f:
+        first = f.read(size // 2)
+    m.wait_writes()
+    cached = set(cache_blocks(cache))
+    assert cached and "needs_recovery" in _superblock(part)[1]  # mounted and written: not clean yet
+    # what the booted system's systemd does at shutdown: the unit's ExecStop (after systemd's
+    # unescaping of $$) signals the daemon and waits for progress.json to say it is done
+    install_unit(rig.tmp / "run", m.pid, m.mountpoint / "progress.json")
+    unit_file = rig.tmp / "run/systemd/system" / UNIT
+    unit = unit_file.read_text()
+    if shutil.which("systemd-analyze"):  # systemd's own parser, where it is installed
+        assert run("systemd-analyze", "verify", "--man=no", unit_file).returncode == 0
+    stop = next(line.removeprefix("ExecStop=") for line in unit.splitlines() if line.startswith("ExecStop="))
+    subprocess.run(shlex.split(stop.replace("$$", "$")), check=True, timeout=30)
+    assert json.loads((m.mountpoint / "progress.json").read_bytes())["quiesced"], m.log.read_text()[-2000:]
+    q = m.status()["quiesced"]
+    assert isinstance(q, dict) and q["cache"] == "read-only", q
+    options = next(line.split()[3] for line in Path("/proc/mounts").read_text().splitlines()
+                   if line.split()[1] == str(cache))  # fmt: skip
+    assert options.split(",")[0] == "ro"
+    state, features = _superblock(part)
+    assert state == "clean" and "needs_recovery" not in features, (state, features)
+    assert trace.stat().st_size > 0  # the boot's trace was written before
+    # the root file system on top goes on reading, blocks never cached included
+    with open(m.disk, "rb") as f:
+        whole = f.read()
+    assert whole[: len(first)] == first
+    assert hashlib.sha256(whole).hexdigest() == published.image_sha
+    assert set(cache_blocks(cache)) == cached  # nothing written after the signal
+    assert "no more writes" in m.log.read_text()

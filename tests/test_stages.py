@@ -7,6 +7,7 @@ boots in test_boot.py; here each piece runs against real files, mounts and serve
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -328,3 +329,25 @@ def test_machine_cpu_counts_what_this_process_burns() -> None:
     used = time.process_time() - cpu0
     busy1, idle1 = machine_cpu()
     assert busy1 - busy0 >= used - 0.05 and idle1 >= idle0
+
+
+def test_switch_leaves_the_shutdown_unit_only_for_systemd_with_a_cache_partition(tmp_path: Path) -> None:
+    """The unit goes in the /run the new root gets (the parent of /run/seedboot), enabled for
+    this boot, and names the daemon's pid and progress file; without systemd in the new root
+    or without a cache partition nothing is written."""
+    from seedboot.agent.quiesce import UNIT
+
+    ctx = context(tmp_path, "seed.name=demo", io.StringIO())
+    ctx.paths = dataclasses.replace(ctx.paths, newroot=tmp_path / "newroot")
+    ctx.daemon_pid = 4242
+    units = tmp_path / "systemd" / "system"
+    assert switch.clean_shutdown(ctx) == "" and not units.exists()  # no systemd in the new root
+    (ctx.paths.newroot / "usr/lib/systemd").mkdir(parents=True)
+    (ctx.paths.newroot / "usr/lib/systemd/systemd").write_text("")
+    ctx.cache_kind = "ram"
+    assert switch.clean_shutdown(ctx) == "" and not units.exists()
+    ctx.cache_kind = "disk"
+    assert UNIT in switch.clean_shutdown(ctx)
+    text = (units / UNIT).read_text()
+    assert "kill -USR1 4242" in text and str(ctx.paths.mountpoint / "progress.json") in text
+    assert (units / "sysinit.target.wants" / UNIT).resolve() == (units / UNIT).resolve()

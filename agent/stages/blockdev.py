@@ -202,6 +202,7 @@ def run(ctx: Context) -> str:
         log=ctx.paths.blockdev_log,
         argv0=ARGV0,
         local_copy=wants_copy(ctx),
+        quiesce_remount=ctx.cache_kind == "disk",
     )
     if rel.meta.verity is not None:
         # The root stage needs the dm-verity tree (8 MB for 1 GiB); fetch it while the daemon

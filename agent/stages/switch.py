@@ -107,6 +107,27 @@ def cpu_split(ctx: Context) -> str:
     )
 
 
+def clean_shutdown(ctx: Context) -> str:
+    """With the cache on a partition and systemd in the new root: the unit that has the
+    block daemon leave the partition clean at shutdown (agent/quiesce.py), in the /run the
+    new root gets. Other init systems power off with the partition as it is (its journal
+    replays at the next mount)."""
+    from seedboot.agent.quiesce import install_unit
+
+    newroot = ctx.paths.newroot
+    if ctx.cache_kind != "disk" or not ctx.daemon_pid:
+        return ""
+    if not any((newroot / p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")):
+        log.info("no systemd in the new root: the cache partition stays mounted at power-off")
+        return ""
+    try:
+        progress = ctx.paths.mountpoint / "progress.json"
+        return "; " + install_unit(ctx.paths.run.parent, ctx.daemon_pid, progress)
+    except OSError as e:
+        log.warning("cannot install the shutdown unit: %s", e)
+        return ""
+
+
 def run(ctx: Context) -> str:
     newroot = str(ctx.paths.newroot)
     init = init_path(ctx)
@@ -114,6 +135,7 @@ def run(ctx: Context) -> str:
         raise SeedError(f"the new root has no {init}", "boot with init=PATH")
     if os.getpid() != 1:
         raise SeedError("switch: not PID 1; refusing to take over this machine's root", "")
+    shutdown_note = clean_shutdown(ctx)
     knx = ctx.paths.run / "knxblock"
     if sc.is_mountpoint(str(ctx.paths.cache)):
         knx.mkdir(parents=True, exist_ok=True)
@@ -129,7 +151,7 @@ def run(ctx: Context) -> str:
     line = timing_line(ctx)
     ctx.console.note(line)
     log.info("%s", line)
-    ctx.console.stage("switch", "ok", 0.0, f"freed {freed} initramfs entries; exec {init}")
+    ctx.console.stage("switch", "ok", 0.0, f"freed {freed} initramfs entries; exec {init}{shutdown_note}")
     sc.mount(newroot, "/", None, sc.MS_MOVE)
     os.chroot(".")
     os.chdir("/")

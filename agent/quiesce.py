@@ -1,0 +1,126 @@
+"""Leaving the cache partition clean when the machine shuts down.
+
+The block daemon outlives the booted system's shutdown (systemd spares ``@`` processes), and
+the cache partition is mounted in the miniroot, out of the booted system's sight: nothing
+unmounted it at power-off, so every next boot's mount replayed its journal first (0.3 s under
+emulation, on the offline boot's path). Now the booted system tells the daemon, late in its
+shutdown, with SIGUSR1 (``unit_text``: a systemd unit the switch stage leaves in /run). The
+daemon then writes the boot's trace, stops writing blocks and the local copy (a batch being
+written is finished), and with ``--quiesce-remount`` remounts the cache's file system read-only,
+which flushes the journal and marks it clean. It goes on serving reads: blocks fetched from
+then on are served, not kept. ``progress.json`` says ``"quiesced": true`` once that is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seedboot.agent.blockdev import Recorder
+    from seedboot.agent.cache import BlockCache
+    from seedboot.agent.localcopy import LocalCopy
+
+log = logging.getLogger(__name__)
+
+MS_RDONLY, MS_REMOUNT = 1, 32
+UNIT = "seedboot-cache.service"
+STOP_WAIT = 10.0  # seconds the unit's ExecStop waits for the daemon
+
+
+@dataclass
+class Quiesced:
+    """What SIGUSR1 did, for status.json (``done`` goes to progress.json too)."""
+
+    done: bool = False
+    at: float = 0.0
+    cache: str = ""  # "read-only", or why the file system stayed writable
+    steps: list[str] = field(default_factory=list)
+
+
+def remount_read_only(path: Path) -> str:
+    """Remount the file system mounted at ``path`` read-only; "" on success, else why not."""
+    if not os.path.ismount(path):
+        return f"{path} is not a mount point"
+    os.sync()  # a remount that fails (busy) still leaves the data on disk
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = MS_REMOUNT | MS_RDONLY
+    if libc.mount(None, os.fsencode(path), None, ctypes.c_ulong(flags), None) == 0:
+        return ""
+    e = ctypes.get_errno()
+    return f"remounting {path} read-only failed: {os.strerror(e)}" + (
+        " (a file on it is still open for writing, e.g. a persistent overlay)" if e == 16 else ""
+    )
+
+
+def quiesce(
+    state: Quiesced,
+    cache: BlockCache,
+    copy: LocalCopy | None,
+    recorder: Recorder | None,
+    remount: bool,
+) -> None:
+    """Stop every write to the cache, then (``remount``) make its file system read-only."""
+    if state.done or state.at:
+        return  # a second signal: the first one is under way or done
+    state.at = time.time()
+    why = "the machine is shutting down (SIGUSR1)"
+    if recorder is not None:
+        recorder.stop()
+        state.steps.append("trace written")
+    if copy is not None:
+        copy.freeze(why)
+        state.steps.append("local copy closed")
+    cache.freeze(why)
+    state.steps.append("block writes stopped")
+    if remount:
+        err = remount_read_only(cache.root)
+        state.cache = err or "read-only"
+    else:
+        os.sync()
+        state.cache = "synced (not remounted: no --quiesce-remount)"
+    state.done = True
+    log.info("quiesced in %.2f s: %s; cache %s", time.time() - state.at, ", ".join(state.steps), state.cache)
+
+
+def unit_text(pid: int, progress: Path) -> str:
+    """A systemd unit for the booted system: active from early boot on, stopped late in the
+    shutdown (it is ordered before sysinit.target, so it stops after the services), when its
+    ExecStop sends the daemon SIGUSR1 and waits, bounded, until ``progress`` says it is done.
+    ``$$`` is a literal ``$`` to systemd; the pattern's dots stand for the JSON's quotes."""
+    polls = int(STOP_WAIT * 10)
+    done = f"grep -qs quiesced.:.true {progress}"
+    wait = f"i=0; while [ $$i -lt {polls} ] && ! {done}; do sleep 0.1; i=$$((i+1)); done"
+    return f"""# Written by the seedboot miniroot: its block daemon (pid {pid}) serves this system's
+# root file system and keeps the cache partition mounted; this stops its writes at shutdown.
+[Unit]
+Description=seedboot: leave the block cache clean at shutdown
+DefaultDependencies=no
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStop=/bin/sh -c 'kill -USR1 {pid} || exit 0; {wait}'
+TimeoutStopSec={STOP_WAIT + 5:.0f}
+"""
+
+
+def install_unit(run: Path, pid: int, progress: Path) -> str:
+    """Put the unit in ``run``/systemd/system (the booted system's /run) and enable it for
+    this boot; returns a note for the console line."""
+    units = run / "systemd" / "system"
+    wants = units / "sysinit.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (units / UNIT).write_text(unit_text(pid, progress))
+    link = wants / UNIT
+    if not link.is_symlink():
+        link.symlink_to(f"../{UNIT}")
+    log.info("installed %s: SIGUSR1 to %d at shutdown", units / UNIT, pid)
+    return f"{UNIT} leaves the cache clean at shutdown"
