@@ -125,6 +125,23 @@ def test_initramfs_has_hypervisor_disk_nic_and_fs_modules(entries: dict[str, cpi
     assert f"lib/modules/{version}/modules.alias" in entries
 
 
+def test_every_module_the_agent_names_is_in_the_initramfs(entries: dict[str, cpio.Entry]) -> None:
+    """What coldplug asks modprobe for by name (a module or an alias such as crc32c) resolves
+    to a module in the initramfs: a miss would only show as a slower boot."""
+    from seedboot.agent.stages.hardware import LATER_MODULES, QUICK_MODULES
+
+    have = ko_names(entries)
+    version = entries["etc/initrd-release"].data.decode().split("SEEDBOOT_KERNEL=")[1].split()[0]
+    aliases: dict[str, set[str]] = {}
+    for line in entries[f"lib/modules/{version}/modules.alias"].data.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "alias":
+            aliases.setdefault(parts[1], set()).add(parts[2])
+    for name in QUICK_MODULES + LATER_MODULES:
+        found = {name.replace("-", "_")} & have or aliases.get(name, set()) & have
+        assert found, f"{name}: neither a module nor an alias of one in the initramfs"
+
+
 def test_initramfs_copies_the_hook_tree(tmp_path: Path, pubkey: Path) -> None:
     hooks = tmp_path / "hooks"
     (hooks / "pre-root.d").mkdir(parents=True)
