@@ -310,6 +310,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(
             f"copy      {cp['blocks']} of {s['nblocks']} blocks in {cp['path']}, {cp['queued']} queued{stop}"
         )
+    q = s.get("quiesced")
+    if q:
+        state = f"done: {', '.join(q['steps'])}; cache {q['cache']}" if q["done"] else "under way"
+        lines.append(f"shutdown  SIGUSR1 at {time.strftime('%H:%M:%S', time.localtime(q['at']))}, {state}")
     lines.append(f"cpu       {cpu['total']:.2f} s ({start}); threads: {threads}")
     return "\n".join(lines)
 

@@ -659,6 +659,7 @@ def test_sigusr1_leaves_the_cache_file_system_clean_and_reads_go_on(
     assert json.loads((m.mountpoint / "progress.json").read_bytes())["quiesced"], m.log.read_text()[-2000:]
     q = m.status()["quiesced"]
     assert isinstance(q, dict) and q["cache"] == "read-only", q
+    assert "cache read-only" in seedboot("status", m.mountpoint).stdout
     options = next(line.split()[3] for line in Path("/proc/mounts").read_text().splitlines()
                    if line.split()[1] == str(cache))  # fmt: skip
     assert options.split(",")[0] == "ro"
