@@ -36,7 +36,7 @@ from seedboot.agent import profile as profilemod
 from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder, mirrors_status
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
-from seedboot.agent.fetcher import DEMAND, Fetcher
+from seedboot.agent.fetcher import DEMAND, PREFETCH, Fetcher
 from seedboot.agent.localcopy import LocalCopy, watch_verity_errors
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
@@ -274,7 +274,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     readahead = ReadAhead(dev, window=max(8, min(opts.conns, READAHEAD_MAX)), near=4)
     recorder = Recorder(opts.record, rel.index.nblocks).start() if opts.record else None
     copy = (
-        LocalCopy(opts.cache, rel.meta.name, rel.index, rel.meta.index, dev.writing_bytes)
+        LocalCopy(
+            opts.cache,
+            rel.meta.name,
+            rel.index,
+            rel.meta.index,
+            dev.writing_bytes,
+            lambda b: dev.wait_block(b, PREFETCH, keep=False, timeout=60),
+        )
         if opts.local_copy
         else None
     )

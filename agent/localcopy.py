@@ -41,9 +41,12 @@ log = logging.getLogger(__name__)
 # Copy only while the cache's file system keeps this share free: the copy must not push the
 # block cache into eviction (cache.HIGH), which starts at 90% used.
 MIN_FREE = 0.30
-# Blocks waiting for their write: beyond this a block is skipped (copied when read next boot),
-# so a slow disk never holds a reader or the daemon's memory.
+# Blocks waiting for their write: beyond this a block is skipped, so a slow disk never holds a
+# reader or the daemon's memory; the writer copies it later (``backfill``), once it is idle.
 MAX_QUEUED = 48
+# The writer is idle when no block came for this long: then it copies the skipped ones (a
+# sequential read on a host outruns the niced writer; one pass now leaves the whole copy).
+BACKFILL_IDLE = 0.5
 # Blocks written per fdatasync.
 BATCH = 16
 # The writer's nice value: no reader waits for it, while under emulation the booting machine
@@ -127,9 +130,20 @@ class LocalCopy:
     """The daemon's writer: ``add(b, plain)`` from the read path, written by one thread."""
 
     def __init__(
-        self, cache: Path, name: str, index: Index, index_digest: str, reserved: Callable[[], int] = lambda: 0
+        self,
+        cache: Path,
+        name: str,
+        index: Index,
+        index_digest: str,
+        reserved: Callable[[], int] = lambda: 0,
+        backfill: Callable[[int], bytes] | None = None,
     ) -> None:
         self.index = index
+        # a skipped block's verified plain bytes, from the daemon's memory or cache (raises
+        # OSError when it cannot): the writer copies skipped blocks with it when idle
+        self.backfill = backfill
+        self.missed: set[int] = set()
+        self.backfilled = 0
         # bytes the block cache is about to write to the same file system (blocks batched
         # for their sync): the copy leaves room for them too
         self.reserved = reserved
@@ -167,6 +181,8 @@ class LocalCopy:
         with self.drained:
             while len(self.queued) >= MAX_QUEUED:
                 if not wait or self.stopped:
+                    if not self.stopped:
+                        self.missed.add(b)
                     return False
                 self.drained.wait(0.5)
             if b in self.queued:
@@ -199,13 +215,26 @@ class LocalCopy:
             "dropped": self.forgotten,
             "stopped": self.stopped,
             "room": self.room,
+            "missed": len(self.missed),
+            "backfilled": self.backfilled,
         }
 
     def _run(self) -> None:
         with contextlib.suppress(OSError):  # a thread's nice value is its own on Linux
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
         while True:
-            item = self.queue.get()
+            try:
+                idle = BACKFILL_IDLE if self.missed and self.backfill and self.room else None
+                item = self.queue.get(timeout=idle)
+            except queue.Empty:
+                late = self._missed_batch()
+                if late:
+                    before = self.written
+                    self._write_batch(late)
+                    self.backfilled += self.written - before
+                if self.stopped:
+                    return
+                continue
             if item is None:
                 return
             batch = [item]
@@ -219,17 +248,37 @@ class LocalCopy:
                     break
                 batch.append(nxt)
             try:
-                if self._room(batch):
-                    self._write(batch)
-            except OSError as e:
-                self.stopped = f"{e.strerror or e}"
-                log.warning("local copy %s: stopped: %s", self.img, self.stopped)
+                self._write_batch(batch)
             finally:
                 with self.drained:
                     self.queued.difference_update(b for b, _ in batch)
                     self.drained.notify_all()
             if self.stopped:
                 return
+
+    def _missed_batch(self) -> list[tuple[int, bytes]]:
+        """Up to BATCH skipped blocks with their bytes (a block that cannot be had is let go:
+        it is copied when read again)."""
+        assert self.backfill is not None
+        batch: list[tuple[int, bytes]] = []
+        while self.missed and len(batch) < BATCH and not self.stopped:
+            b = min(self.missed)
+            self.missed.discard(b)
+            if b in self.have:
+                continue
+            try:
+                batch.append((b, self.backfill(b)))
+            except OSError as e:
+                log.debug("local copy: skipped block %d not copied: %s", b, e)
+        return batch
+
+    def _write_batch(self, batch: list[tuple[int, bytes]]) -> None:
+        try:
+            if self._room(batch):
+                self._write(batch)
+        except OSError as e:
+            self.stopped = f"{e.strerror or e}"
+            log.warning("local copy %s: stopped: %s", self.img, self.stopped)
 
     def _room(self, batch: list[tuple[int, bytes]]) -> bool:
         """Whether the batch leaves MIN_FREE of the file system free; if not it is skipped
