@@ -350,6 +350,8 @@ class BatchWriter:
         self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.queued_bytes = 0
+        self.unwritten = 0  # blocks put and not yet through their batch's write
+        self.idle = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name="cache-write", daemon=True)
         self.thread.start()
 
@@ -357,12 +359,18 @@ class BatchWriter:
         self.slots.acquire()
         with self.lock:
             self.queued_bytes += len(stored)
+            self.unwritten += 1
         self.queue.put((digest, stored))
 
     def close(self) -> None:
         """Write what is queued, then stop."""
         self.queue.put(None)
         self.thread.join()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every block put so far is written (or failed to be); False on timeout."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.unwritten == 0, timeout)
 
     def _run(self) -> None:
         # Not niced (as the local copy's writer is): the machine may be powered off right
@@ -399,3 +407,6 @@ class BatchWriter:
             self.done([d for d, _ in batch])
             for _ in batch:
                 self.slots.release()
+            with self.idle:
+                self.unwritten -= len(batch)
+                self.idle.notify_all()

@@ -362,7 +362,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         loop.add_signal_handler(
             signal.SIGUSR1,
             lambda: loop.run_in_executor(
-                None, quiesce, quiesced, cache, copy, recorder, opts.quiesce_remount
+                None, quiesce, quiesced, cache, dev.writer, copy, recorder, opts.quiesce_remount
             ),
         )
         tuned = loop.run_in_executor(None, _after_init, mountpoint)

@@ -47,6 +47,8 @@ MAX_QUEUED = 48
 # The writer is idle when no block came for this long: then it copies the skipped ones (a
 # sequential read on a host outruns the niced writer; one pass now leaves the whole copy).
 BACKFILL_IDLE = 0.5
+# Seconds a shutdown waits for the queued blocks (at most MAX_QUEUED) to be written.
+FREEZE_WAIT = 10.0
 # Blocks written per fdatasync.
 BATCH = 16
 # The writer's nice value: no reader waits for it, while under emulation the booting machine
@@ -192,15 +194,15 @@ class LocalCopy:
         return True
 
     def freeze(self, why: str) -> None:
-        """No more writes (the machine shuts down): queued blocks are dropped, the files closed."""
+        """No more writes (the machine shuts down): what is queued is written, the files closed."""
+        self.close(timeout=FREEZE_WAIT)
         self.stopped = why
-        self.close()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30) -> None:
         with self.lock:
             self.closed = True
         self.queue.put(None)
-        self.thread.join(timeout=30)
+        self.thread.join(timeout)
         with self.lock:  # not while forget() swaps the map file
             for fd in (self.fd, self.map_fd):
                 with contextlib.suppress(OSError):

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from seedboot.agent.blockdev import Recorder
-    from seedboot.agent.cache import BlockCache
+    from seedboot.agent.cache import BatchWriter, BlockCache
     from seedboot.agent.localcopy import LocalCopy
 
 log = logging.getLogger(__name__)
 
 MS_RDONLY, MS_REMOUNT = 1, 32
 UNIT = "seedboot-cache.service"
-STOP_WAIT = 10.0  # seconds the unit's ExecStop waits for the daemon
+STOP_WAIT = 20.0  # seconds the unit's ExecStop waits for the daemon
+DRAIN_WAIT = 5.0  # seconds for the fetched blocks queued for the cache (a batch or two)
 
 
 @dataclass
@@ -61,11 +62,13 @@ def remount_read_only(path: Path) -> str:
 def quiesce(
     state: Quiesced,
     cache: BlockCache,
+    writer: BatchWriter,
     copy: LocalCopy | None,
     recorder: Recorder | None,
     remount: bool,
 ) -> None:
-    """Stop every write to the cache, then (``remount``) make its file system read-only."""
+    """Write what is queued, stop every write to the cache, then (``remount``) make its file
+    system read-only. The blocks fetched last are the ones an offline boot would miss."""
     if state.done or state.at:
         return  # a second signal: the first one is under way or done
     state.at = time.time()
@@ -75,7 +78,9 @@ def quiesce(
         state.steps.append("trace written")
     if copy is not None:
         copy.freeze(why)
-        state.steps.append("local copy closed")
+        state.steps.append("local copy written and closed")
+    if not writer.drain(DRAIN_WAIT):
+        state.steps.append(f"blocks still queued after {DRAIN_WAIT:.0f} s dropped")
     cache.freeze(why)
     state.steps.append("block writes stopped")
     if remount:
