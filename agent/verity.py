@@ -216,6 +216,8 @@ def status(name: str = DM_NAME) -> str:
 
 
 def _modprobe(module: str) -> None:
+    if os.path.isdir(f"/sys/module/{module.replace('-', '_')}"):
+        return  # loaded (the hardware stage loads dm-verity in the background): no exec
     if shutil.which("modprobe"):
         subprocess.run(["modprobe", module], capture_output=True, timeout=TIMEOUT)
 
