@@ -178,7 +178,7 @@ class LocalCopy:
         """Queue block b's verified plain bytes for the copy (cheap when it is there). With
         MAX_QUEUED blocks waiting it is skipped (a reader never waits for the disk), unless
         ``wait``: the profile's prefetch waits for room instead."""
-        if b in self.have or b in self.queued or self.stopped or self.index.is_hole(b):
+        if b in self.have or b in self.queued or self.stopped or self.closed or self.index.is_hole(b):
             return False
         with self.drained:
             while len(self.queued) >= MAX_QUEUED:
@@ -203,6 +203,10 @@ class LocalCopy:
             self.closed = True
         self.queue.put(None)
         self.thread.join(timeout)
+        if self.thread.is_alive():
+            # its files stay open: closing them under a write could hand their numbers to others
+            log.warning("local copy %s: the writer did not finish within %.0f s", self.img, timeout)
+            return
         with self.lock:  # not while forget() swaps the map file
             for fd in (self.fd, self.map_fd):
                 with contextlib.suppress(OSError):
@@ -263,7 +267,7 @@ class LocalCopy:
         it is copied when read again)."""
         assert self.backfill is not None
         batch: list[tuple[int, bytes]] = []
-        while self.missed and len(batch) < BATCH and not self.stopped:
+        while self.missed and len(batch) < BATCH and not (self.stopped or self.closed):
             b = min(self.missed)
             self.missed.discard(b)
             if b in self.have:

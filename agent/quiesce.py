@@ -14,8 +14,10 @@ then on are served, not kept. ``progress.json`` says ``"quiesced": true`` once t
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ MS_RDONLY, MS_REMOUNT = 1, 32
 UNIT = "seedboot-cache.service"
 STOP_WAIT = 20.0  # seconds the unit's ExecStop waits for the daemon
 DRAIN_WAIT = 5.0  # seconds for the fetched blocks queued for the cache (a batch or two)
+_once = threading.Lock()  # a second SIGUSR1 while the first is handled does nothing
 
 
 @dataclass
@@ -55,7 +58,7 @@ def remount_read_only(path: Path) -> str:
         return ""
     e = ctypes.get_errno()
     return f"remounting {path} read-only failed: {os.strerror(e)}" + (
-        " (a file on it is still open for writing, e.g. a persistent overlay)" if e == 16 else ""
+        " (a file on it is still open for writing, e.g. a persistent overlay)" if e == errno.EBUSY else ""
     )
 
 
@@ -69,7 +72,7 @@ def quiesce(
 ) -> None:
     """Write what is queued, stop every write to the cache, then (``remount``) make its file
     system read-only. The blocks fetched last are the ones an offline boot would miss."""
-    if state.done or state.at:
+    if state.at or not _once.acquire(blocking=False):
         return  # a second signal: the first one is under way or done
     state.at = time.time()
     why = "the machine is shutting down (SIGUSR1)"
