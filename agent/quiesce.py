@@ -34,6 +34,8 @@ MS_RDONLY, MS_REMOUNT = 1, 32
 UNIT = "seedboot-cache.service"
 STOP_WAIT = 20.0  # seconds the unit's ExecStop waits for the daemon
 DRAIN_WAIT = 5.0  # seconds for the fetched blocks queued for the cache (a batch or two)
+BUSY_RETRY_EVERY = 0.5  # seconds between remount tries while a writer holds the partition
+BUSY_RETRY_FOR = 300.0
 _once = threading.Lock()  # a second SIGUSR1 while the first is handled does nothing
 
 
@@ -47,19 +49,36 @@ class Quiesced:
     steps: list[str] = field(default_factory=list)
 
 
-def remount_read_only(path: Path) -> str:
-    """Remount the file system mounted at ``path`` read-only; "" on success, else why not."""
-    if not os.path.ismount(path):
-        return f"{path} is not a mount point"
-    os.sync()  # a remount that fails (busy) still leaves the data on disk
+def _remount_ro(path: Path) -> int:
+    """0, or the errno of remounting the file system at ``path`` read-only."""
     libc = ctypes.CDLL(None, use_errno=True)
     flags = MS_REMOUNT | MS_RDONLY
     if libc.mount(None, os.fsencode(path), None, ctypes.c_ulong(flags), None) == 0:
-        return ""
-    e = ctypes.get_errno()
-    return f"remounting {path} read-only failed: {os.strerror(e)}" + (
-        " (a file on it is still open for writing, e.g. a persistent overlay)" if e == errno.EBUSY else ""
-    )
+        return 0
+    return ctypes.get_errno()
+
+
+def _why(path: Path, e: int) -> str:
+    busy = " (a file on it is still open for writing; trying again)" if e == errno.EBUSY else ""
+    return f"remounting {path} read-only failed: {os.strerror(e)}{busy}"
+
+
+def _retry_while_busy(state: Quiesced, path: Path) -> None:
+    """A process of the booted system still has a file on the partition open for writing
+    (it sees it at /run/seedboot/knxblock): try again until it is gone, at the latest when the
+    system's last processes are killed (the daemon lives on to the power-off)."""
+    deadline = time.monotonic() + BUSY_RETRY_FOR
+    while time.monotonic() < deadline:
+        time.sleep(BUSY_RETRY_EVERY)
+        e = _remount_ro(path)
+        if e == 0:
+            state.cache = "read-only (once its last writer was gone)"
+            log.info("cache %s: remounted read-only on a later try", path)
+            return
+        if e != errno.EBUSY:
+            state.cache = _why(path, e)
+            return
+    log.info("cache %s: still busy after %.0f s; left writable", path, BUSY_RETRY_FOR)
 
 
 def quiesce(
@@ -86,9 +105,14 @@ def quiesce(
         state.steps.append(f"blocks still queued after {DRAIN_WAIT:.0f} s dropped")
     cache.freeze(why)
     state.steps.append("block writes stopped")
-    if remount:
-        err = remount_read_only(cache.root)
-        state.cache = err or "read-only"
+    if remount and not os.path.ismount(cache.root):
+        state.cache = f"{cache.root} is not a mount point: not remounted"
+    elif remount:
+        os.sync()  # a remount that fails (busy) still leaves the data on disk
+        e = _remount_ro(cache.root)
+        state.cache = _why(cache.root, e) if e else "read-only"
+        if e == errno.EBUSY:
+            threading.Thread(target=_retry_while_busy, args=(state, cache.root), daemon=True).start()
     else:
         os.sync()
         state.cache = "synced (not remounted: no --quiesce-remount)"

@@ -202,7 +202,9 @@ def run(ctx: Context) -> str:
         log=ctx.paths.blockdev_log,
         argv0=ARGV0,
         local_copy=wants_copy(ctx),
-        quiesce_remount=ctx.cache_kind == "disk",
+        # not under a persistent overlay: its upper layer is on the partition, and services that
+        # stop after the shutdown unit (random seed, wtmp) still write there
+        quiesce_remount=ctx.cache_kind == "disk" and ctx.cmdline.overlay != "persist",
     )
     if rel.meta.verity is not None:
         # The root stage needs the dm-verity tree (8 MB for 1 GiB); fetch it while the daemon
