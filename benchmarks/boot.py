@@ -95,6 +95,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # seedboot_runs.cpu_split
     trace: list[tuple[float, int, int]] = field(default_factory=list)
     error: str = ""
+    cache_after: str = ""  # (d): its cache partition after the power-off (seedboot_runs.fs_state)
 
 
 @dataclass
@@ -189,6 +190,8 @@ class Bench:
         b = self.boot(cfg, i, self.seed.initrd, append, extra, wait_poweroff=60.0 if keep else 0.0)
         run = self._result(b, proxy)
         if keep and b.ok:
+            # the agent's shutdown unit leaves it clean (agent/quiesce.py): no journal replay in (f)
+            run.cache_after = seedboot_runs.fs_state(cache)
             # (f) boots from what (d) left on its cache disk.
             self.filled_cache = cache.with_name("filled.img")
             cache.replace(self.filled_cache)
@@ -378,6 +381,11 @@ def stage_lines(rows: list[Row]) -> list[str]:
         if run and run.cpu:
             cpu = ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items())
             lines.append(f"      CPU from the agent's first line to the switch: {cpu}")
+    for row in rows:
+        states = [r.cache_after for r in row.runs if r.cache_after]
+        if states:
+            counts = ", ".join(f"{s} {states.count(s)} of {len(states)}" for s in sorted(set(states)))
+            lines.append(f"  ({row.config.key}) left its cache partition, after the power-off: {counts}")
     head = "Where the time goes, seconds (median run; 'os' is switch_root to the marker):"
     return ["", head, *lines] if lines else []
 

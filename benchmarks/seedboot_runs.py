@@ -139,6 +139,19 @@ def cache_disk(path: Path, copy_of: Path | None = None) -> Path:
     return path
 
 
+def fs_state(image: Path) -> str:
+    """How an ext4 image's superblock says it was left: "clean", or "journal to replay" when
+    it was not unmounted (or remounted read-only) before the power-off."""
+    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=False).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    state = fields.get("Filesystem state", "").strip()
+    if not state:
+        return "unreadable"
+    if "needs_recovery" in fields.get("Filesystem features", ""):
+        return "journal to replay"
+    return state
+
+
 def cache_drive(path: Path) -> list[str]:
     return ["-drive", f"file={path},format=raw,if=virtio"]
 

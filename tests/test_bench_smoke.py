@@ -5,6 +5,8 @@ local disk (a) and through QEMU's curl driver behind the latency proxy (e4), one
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,28 @@ def test_cpu_split_from_the_timing_line() -> None:
         "idle": 0.0,
     }
     assert seedboot_runs.cpu_split([(1.0, "no agent here")]) == {}
+
+
+@pytest.mark.root
+def test_cache_partition_state_after_power_off_is_reported(tmp_path: Path) -> None:
+    """(d)'s cache disk, read after the guest powered off: clean when the agent's shutdown unit
+    remounted it read-only, "journal to replay" when it was left mounted, as a power-off does."""
+    img = tmp_path / "part.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img), "16M"], check=True)
+    assert seedboot_runs.fs_state(img) == "clean"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        (mnt / "block").write_bytes(b"x" * 4096)
+        os.sync()
+        assert seedboot_runs.fs_state(img) == "journal to replay"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert seedboot_runs.fs_state(img) == "clean"
+    assert seedboot_runs.fs_state(tmp_path / "missing.img") == "unreadable"
+    d = next(c for c in boot.configs(0.1) if c.key == "d")
+    row = boot.Row(d, [boot.Run(20.0, cache_after="clean"), boot.Run(21.0, cache_after="journal to replay")])
+    assert "  (d) left its cache partition, after the power-off: clean 1 of 2, journal to replay 1 of 2" in (
+        boot.stage_lines([row])
+    )
