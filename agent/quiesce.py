@@ -13,7 +13,6 @@ then on are served, not kept. ``progress.json`` says ``"quiesced": true`` once t
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MS_RDONLY, MS_REMOUNT = 1, 32
 UNIT = "seedboot-cache.service"
 STOP_WAIT = 20.0  # seconds the unit's ExecStop waits for the daemon
 DRAIN_WAIT = 5.0  # seconds for the fetched blocks queued for the cache (a batch or two)
@@ -51,11 +49,13 @@ class Quiesced:
 
 def _remount_ro(path: Path) -> int:
     """0, or the errno of remounting the file system at ``path`` read-only."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = MS_REMOUNT | MS_RDONLY
-    if libc.mount(None, os.fsencode(path), None, ctypes.c_ulong(flags), None) == 0:
-        return 0
-    return ctypes.get_errno()
+    from seedboot.agent.stages import syscalls as sc
+
+    try:
+        sc.mount("none", str(path), None, sc.MS_REMOUNT | sc.MS_RDONLY)
+    except OSError as e:
+        return e.errno or errno.EIO
+    return 0
 
 
 def _why(path: Path, e: int) -> str:
@@ -91,7 +91,7 @@ def quiesce(
 ) -> None:
     """Write what is queued, stop every write to the cache, then (``remount``) make its file
     system read-only. The blocks fetched last are the ones an offline boot would miss."""
-    if state.at or not _once.acquire(blocking=False):
+    if not _once.acquire(blocking=False):
         return  # a second signal: the first one is under way or done
     state.at = time.time()
     why = "the machine is shutting down (SIGUSR1)"
