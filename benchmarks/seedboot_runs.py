@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.workload import Workload
+from seedboot.tools import diskimage
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def cache_drive(path: Path) -> list[str]:
 def extract_traces(cache: Path, dest: Path) -> list[Path]:
     """Copy the boot traces the agent wrote on a cache disk (debugfs: no mount needed)."""
     dest.mkdir(parents=True, exist_ok=True)
+    diskimage.replay_journal(cache)  # a trace written just before the power-off
     listing = subprocess.run(
         ["debugfs", "-R", "ls -p /traces", str(cache)], capture_output=True, text=True, check=False
     ).stdout

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from benchmarks import boot, seedboot_runs
+from seedboot.tools import diskimage
 from tests import artifacts
 
 
@@ -103,6 +105,11 @@ def test_cache_partition_state_after_power_off_is_reported(tmp_path: Path) -> No
         (mnt / "block").write_bytes(b"x" * 4096)
         os.sync()
         assert seedboot_runs.fs_state(img) == "journal to replay"
+        # the disk as a power-off leaves it, read as its next mount would (the traces' reader)
+        copy = tmp_path / "copy.ext4"
+        shutil.copyfile(img, copy)
+        diskimage.replay_journal(copy)
+        assert seedboot_runs.fs_state(copy) == "clean"
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     assert seedboot_runs.fs_state(img) == "clean"

@@ -30,7 +30,7 @@ import pytest
 from seedboot.agent import layout
 from seedboot.agent import profile as profilemod
 from seedboot.agent.index import decode
-from seedboot.tools import keys, publish
+from seedboot.tools import diskimage, keys, publish
 from tests import artifacts
 from tests.helpers import Nginx
 from tests.qemu import Disk, Guest
@@ -91,6 +91,7 @@ def cache_disk(path: Path, files: dict[str, tuple[str, int]] | None = None) -> P
 
 
 def debugfs(disk: Path, request: str) -> str:
+    diskimage.replay_journal(disk)  # what the next boot's mount sees (the demo root powers off unmounted)
     p = subprocess.run(["debugfs", "-R", request, str(disk)], capture_output=True, text=True, check=True)
     return p.stdout
 

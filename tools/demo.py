@@ -257,6 +257,7 @@ def traces_from_disk(disk: Path, fmt: str, cache: diskimage.Partition, work: Pat
         diskimage.run(["qemu-img", "convert", "-f", diskformats.FORMATS[fmt].qemu_format, "-O", "raw",
                        str(disk), str(raw)])  # fmt: skip
         diskimage.extract(raw, cache.start, cache.size, part)
+        diskimage.replay_journal(part)
         listing = diskimage.run(["debugfs", "-R", "ls -p /traces", str(part)])
         names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
         for name in sorted(n for n in names if n.endswith(".trace")):

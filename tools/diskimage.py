@@ -144,6 +144,20 @@ def run(cmd: Sequence[str], stdin: str | None = None, env: dict[str, str] | None
     return p.stdout
 
 
+def replay_journal(image: Path) -> None:
+    """Replay the ext4 journal of IMAGE, as its next mount would. A machine that powered off
+    with the file system mounted (the miniroot's cache partition, unless the booted system's
+    shutdown unit remounted it read-only) may hold its last metadata only in the journal,
+    which debugfs does not read: a file written just before the power-off looks empty."""
+    try:
+        p = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(image)], capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise SeedError("e2fsck is not installed", "run scripts/setup") from e
+    if p.returncode not in (0, 1):  # 1: the journal was replayed (e2fsck's "errors corrected")
+        tail = " / ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
+        raise SeedError(f"cannot replay the journal of {image}: {tail}", "is it an ext4 file system image?")
+
+
 def early_config(boot_uuid: str) -> str:
     """Embedded in both GRUB images: find /boot by UUID wherever the firmware numbered the disk."""
     return f"search --no-floppy --fs-uuid --set=root {boot_uuid}\nset prefix=($root)/grub\n"
