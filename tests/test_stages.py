@@ -351,3 +351,55 @@ def test_switch_leaves_the_shutdown_unit_only_for_systemd_with_a_cache_partition
     text = (units / UNIT).read_text()
     assert "kill -USR1 4242" in text and str(ctx.paths.mountpoint / "progress.json") in text
     assert (units / "sysinit.target.wants" / UNIT).resolve() == (units / UNIT).resolve()
+
+
+def _udev_test(dev: str) -> str:
+    """udevadm's dry run of the add event: the rules (system ones and /run/udev/rules.d)
+    applied to a real device, its properties printed, nothing changed."""
+    r = subprocess.run(
+        ["udevadm", "test", "--action=add", f"/sys/block/{dev}"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout + r.stderr
+
+
+@pytest.mark.root
+def test_switch_tells_the_booted_udev_to_leave_seedboot_loop_devices_unprobed(tmp_path: Path) -> None:
+    """The rules file lands in the /run the new root gets, and the real udev rules, run by
+    udevadm on real loop devices, skip the blkid probe of one backed by a file under the
+    agent's run directory while still probing any other. (device-mapper cannot be loaded on
+    this host, so the dm-name line is checked only as text.)"""
+    ctx = context(tmp_path, "seed.name=demo", io.StringIO())
+    switch.hide_own_devices(ctx)
+    rules = tmp_path / "udev" / "rules.d" / switch.UDEV_RULES
+    text = rules.read_text()
+    assert 'ATTR{dm/name}=="seedroot|seedmix"' in text
+    ours, other = ctx.paths.run / "img", tmp_path / "other.img"
+    ctx.paths.run.mkdir(parents=True, exist_ok=True)
+    for img in (ours, other):
+        subprocess.run(["truncate", "-s", "8M", str(img)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
+    system = Path("/run/udev/rules.d")
+    made = not system.exists()
+    system.mkdir(parents=True, exist_ok=True)
+    installed = system / switch.UDEV_RULES
+    loops = []
+    try:
+        for img in (ours, other):
+            loops.append(
+                subprocess.run(
+                    ["losetup", "-f", "--show", "-r", str(img)], capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
+        ours_dev, other_dev = (d.removeprefix("/dev/") for d in loops)
+        assert "ID_FS_TYPE=ext4" in _udev_test(ours_dev)  # what the booted OS does without the rules
+        installed.write_text(text)
+        probed = _udev_test(ours_dev)
+        assert "UDEV_DISABLE_PERSISTENT_STORAGE_RULES_FLAG=1" in probed and "ID_FS_TYPE" not in probed
+        assert "ID_FS_TYPE=ext4" in _udev_test(other_dev)
+    finally:
+        for d in loops:
+            subprocess.run(["losetup", "-d", d], check=False)
+        installed.unlink(missing_ok=True)
+        if made:
+            subprocess.run(["rm", "-rf", "/run/udev"], check=False)
