@@ -37,7 +37,7 @@ from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import DEMAND, PREFETCH, Fetcher
-from seedboot.agent.localcopy import LocalCopy, watch_verity_errors
+from seedboot.agent.localcopy import VERITY_DATA, VERITY_METADATA, LocalCopy, watch_verity_errors
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
@@ -285,8 +285,11 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if opts.local_copy
         else None
     )
-    if copy is not None and rel.meta.verity is not None:
-        _mend_copy_on_verity_errors(copy, dev, rel.meta.verity.data_block_size)
+    if rel.meta.verity is not None:
+        from seedboot.agent.verity import DM_NAME, tree_path
+
+        tree = opts.cache / tree_path(rel.meta.name, rel.meta.verity.tree)
+        watch_verity_errors(DM_NAME, verity_error_handler(copy, dev, rel.meta.verity.data_block_size, tree))
     prefetcher: Prefetcher | None = None
     if fetcher is None:
         log.info("prefetch off: offline")
@@ -390,15 +393,30 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     return 0
 
 
-def _mend_copy_on_verity_errors(copy: LocalCopy, dev: BlockDevice, verity_block: int) -> None:
-    """A block of the local copy that dm-verity finds corrupt (the disk altered or damaged
-    while the machine was off) leaves the copy's map at once and is copied again from a
-    verified block: the read that hit it failed, the next ones and the next boot do not."""
-    from seedboot.agent.verity import DM_NAME
+def verity_error_handler(
+    copy: LocalCopy | None, dev: BlockDevice, verity_block: int, tree: Path
+) -> Callable[[int, int], None]:
+    """What the daemon does when dm-verity finds a block corrupt (the disk altered or damaged
+    while the machine was off):
 
+    - a data block of the local copy leaves the copy's map at once and is copied again from a
+      verified block: the read that hit it failed, the next ones and the next boot do not;
+    - a block of the cached hash tree (the root stage checks only its top block against the
+      signed root hash, agent/verity.py) means the cached tree is damaged: it is removed, so
+      the next boot fetches it again. This boot's reads under that block keep failing."""
     bs = dev.index.block_size
+    dropped: list[int] = []
 
-    def mend(n: int) -> None:
+    def on_error(kind: int, n: int) -> None:
+        if kind == VERITY_METADATA:
+            if not dropped:
+                from seedboot.agent.verity import forget_damaged_tree
+
+                dropped.append(n)
+                forget_damaged_tree(tree, n)
+            return
+        if kind != VERITY_DATA or copy is None:
+            return
         b = n * verity_block // bs
         if copy.forget(b, f"dm-verity found its data block {n} corrupt; copying it again"):
 
@@ -408,7 +426,7 @@ def _mend_copy_on_verity_errors(copy: LocalCopy, dev: BlockDevice, verity_block:
 
             dev.request(b, DEMAND, again)
 
-    watch_verity_errors(DM_NAME, mend)
+    return on_error
 
 
 def _on_signal(loop: asyncio.AbstractEventLoop, mountpoint: Path, sig: int) -> None:

@@ -333,10 +333,14 @@ class LocalCopy:
         return True
 
 
-def watch_verity_errors(dm_name: str, on_data_block: Callable[[int], None]) -> bool:
-    """Call ``on_data_block(N)`` from a thread whenever dm-verity on device ``dm_name``
-    reports data block N corrupt: the kernel sends a uevent with DM_VERITY_ERR_BLOCK_NR=0,N
-    (drivers/md/dm-verity-target.c, verity_handle_err) as it fails the read. False if the
+VERITY_DATA, VERITY_METADATA = 0, 1  # the kinds in DM_VERITY_ERR_BLOCK_NR (enum verity_block_type)
+
+
+def watch_verity_errors(dm_name: str, on_error: Callable[[int, int], None]) -> bool:
+    """Call ``on_error(KIND, N)`` from a thread whenever dm-verity on device ``dm_name``
+    reports block N corrupt: the kernel sends a uevent with DM_VERITY_ERR_BLOCK_NR=KIND,N
+    (drivers/md/dm-verity-target.c, verity_handle_err) as it fails the read; KIND is
+    VERITY_DATA for a data block, VERITY_METADATA for a block of the hash tree. False if the
     uevent socket cannot be opened."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
@@ -363,8 +367,8 @@ def watch_verity_errors(dm_name: str, on_data_block: Callable[[int], None]) -> b
                     name = f.read().strip()
             except OSError:
                 continue
-            if name == dm_name and kind == "0" and block.isdigit():
-                on_data_block(int(block))
+            if name == dm_name and kind.isdigit() and block.isdigit():
+                on_error(int(kind), int(block))
 
     threading.Thread(target=run, name="verity-errors", daemon=True).start()
     return True

@@ -162,11 +162,23 @@ def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
     r = subprocess.run([SEEDBOOT, "gc", "--mirror", str(mirror)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert plain_tree.exists() and packed.exists()
-    # Offline, the cached tree serves; a damaged cached tree is fetched again.
+    # Offline, the cached tree serves; a damaged cached tree is fetched again: one whose top
+    # block does not hash to the signed root hash, or of another size.
     assert averity.fetch_tree("demo", v, cache, None) == path
     flip(path, 10)
     averity.fetch_tree("demo", v, cache, reader)
     assert tverity.verify(work / "root.ext4", path, v)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-4096])
+    averity.fetch_tree("demo", v, cache, reader)
+    assert path.read_bytes() == whole
+    # Below the top block, the cached tree is not hashed again at boot: dm-verity checks each
+    # of those blocks against its parent when it reads it (the QEMU test below shows the
+    # kernel failing a read under a flipped byte there) and the daemon then removes the file.
+    flip(path, v.tree_size - 1)
+    assert averity.fetch_tree("demo", v, cache, None) == path
+    assert not tverity.verify(work / "root.ext4", path, v)
+    path.write_bytes(whole)
     # A tampered tree on the mirror is refused before the kernel ever sees it.
     flip(mirror / averity.tree_path("demo", v.tree), 10)
     packed.unlink()  # (as on a mirror published before the .zst)
@@ -179,6 +191,33 @@ def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
         f"0 {v.data_blocks * 2} verity 1 /dev/loop0 /dev/loop1 1024 4096 {v.data_blocks} 0 sha256 "
         f"{v.root_hash} {v.salt}"
     )
+
+
+def test_a_corrupt_hash_block_reported_by_dm_verity_removes_the_cached_tree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The block daemon's answer to dm-verity's uevents (DM_VERITY_ERR_BLOCK_NR=KIND,N): a
+    corrupt block of the hash tree removes the cached tree once, so the next boot fetches it
+    again. The uevents come from a real kernel only in a guest (this host has no
+    device-mapper), so the handler is called as the uevent thread calls it."""
+    import types
+
+    from seedboot.agent.daemon import verity_error_handler
+    from seedboot.agent.localcopy import VERITY_DATA, VERITY_METADATA
+
+    tree = tmp_path / "tree"
+    tree.write_bytes(b"t" * 8192)
+    dev = types.SimpleNamespace(index=types.SimpleNamespace(block_size=256 * 1024))
+    on_error = verity_error_handler(None, dev, 4096, tree)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        on_error(VERITY_DATA, 7)  # a data block, and no local copy to mend: the tree stays
+        assert tree.exists() and not caplog.text
+        on_error(VERITY_METADATA, 3)
+        assert not tree.exists()
+        assert f"hash block 3 of {tree} is corrupt: removed; the next boot fetches it" in caplog.text
+        caplog.clear()
+        on_error(VERITY_METADATA, 4)  # the same tree's next bad block: nothing more to do
+        assert not caplog.text
 
 
 # --- the kernel side, in a QEMU guest (the host kernel has no device-mapper) -------------
@@ -239,6 +278,16 @@ def test_kernel_dm_verity_catches_a_flipped_byte(tmp_path: Path) -> None:
     assert bad["SEEDTEST-STATUS"].split()[-1] == "C"
     assert bad["SEEDTEST-AGENT-READ-ERRNO"] == "5" and "SEEDTEST-AGENT-SHA" not in bad
     assert bad["SEEDTEST-AGENT-STATUS"] == "C"
+
+    # A flipped byte below the tree's top block (the only one the root stage checks in a
+    # cached tree, agent/verity.top_matches): the same, the kernel checks that level itself.
+    flip(data, 3 * 1024 * 1024 + 5)
+    flip(tree_disk, v.hash_block_size + 100)
+    assert averity.top_matches(tree_disk, dataclasses.replace(v, tree_size=tree_disk.stat().st_size))
+    worse = guest.boot(initrd, "seedtest=verity", (data, tree_disk))
+    assert worse["SEEDTEST-SETUP-RC"] == "0" and worse["SEEDTEST-READ-RC"] != "0"
+    assert worse["SEEDTEST-STATUS"].split()[-1] == "C"
+    assert worse["SEEDTEST-AGENT-READ-ERRNO"] == "5" and worse["SEEDTEST-AGENT-STATUS"] == "C"
 
 
 def test_the_kernels_sha256_implementation_is_the_one_of_highest_priority(tmp_path: Path) -> None:
