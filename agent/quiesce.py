@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNIT = "seedboot-cache.service"
+SCRIPT = "quiesce"  # in /run/seedboot: the same hand-off for other inits
 STOP_WAIT = 20.0  # seconds the unit's ExecStop waits for the daemon
 DRAIN_WAIT = 5.0  # seconds for the fetched blocks queued for the cache (a batch or two)
 BUSY_RETRY_EVERY = 0.5  # seconds between remount tries while a writer holds the partition
@@ -120,14 +121,28 @@ def quiesce(
     log.info("quiesced in %.2f s: %s; cache %s", time.time() - state.at, ", ".join(state.steps), state.cache)
 
 
+def stop_command(pid: int, progress: Path) -> str:
+    """The shell command that hands the daemon the shutdown: SIGUSR1, then a bounded wait
+    until ``progress`` says it is done (the pattern's dots stand for the JSON's quotes)."""
+    polls = int(STOP_WAIT * 10)
+    done = f"grep -qs quiesced.:.true {progress}"
+    wait = f"i=0; while [ $i -lt {polls} ] && ! {done}; do sleep 0.1; i=$((i+1)); done"
+    return f"kill -USR1 {pid} || exit 0; {wait}"
+
+
+def install_script(path: Path, pid: int, progress: Path) -> None:
+    """The same command as an executable for any other init's shutdown (OpenRC, sysvinit, a
+    hand-written /sbin/init) to run before it powers off: /run/seedboot/quiesce."""
+    text = f"#!/bin/sh\n# Written by the seedboot miniroot: what {UNIT} does on systemd\n"
+    path.write_text(text + stop_command(pid, progress) + "\n")
+    path.chmod(0o755)
+
+
 def unit_text(pid: int, progress: Path) -> str:
     """A systemd unit for the booted system: active from early boot on, stopped late in the
     shutdown (it is ordered before sysinit.target, so it stops after the services), when its
-    ExecStop sends the daemon SIGUSR1 and waits, bounded, until ``progress`` says it is done.
-    ``$$`` is a literal ``$`` to systemd; the pattern's dots stand for the JSON's quotes."""
-    polls = int(STOP_WAIT * 10)
-    done = f"grep -qs quiesced.:.true {progress}"
-    wait = f"i=0; while [ $$i -lt {polls} ] && ! {done}; do sleep 0.1; i=$$((i+1)); done"
+    ExecStop runs ``stop_command``. ``$$`` is a literal ``$`` to systemd."""
+    stop = stop_command(pid, progress).replace("$", "$$")
     return f"""# Written by the seedboot miniroot: its block daemon (pid {pid}) serves this system's
 # root file system and keeps the cache partition mounted; this stops its writes at shutdown.
 [Unit]
@@ -139,7 +154,7 @@ Conflicts=shutdown.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStop=/bin/sh -c 'kill -USR1 {pid} || exit 0; {wait}'
+ExecStop=/bin/sh -c '{stop}'
 TimeoutStopSec={STOP_WAIT + 5:.0f}
 """
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.seedboot_runs import fs_state
 from seedboot.agent import layout
 from seedboot.agent import profile as profilemod
 from seedboot.agent.index import decode
@@ -133,6 +134,10 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
         g.expect(MARKER, timeout=BOOT_TIMEOUT)
         g.wait_exit(60)
         console = g.console()
+    # the demo root ran /run/seedboot/quiesce before its power-off: the daemon wrote what it
+    # still held and left the partition clean, with no journal for the next mount to replay
+    assert "at shutdown, run /run/seedboot/quiesce" in stage_line(console, "switch")
+    assert fs_state(disk) == "clean"
     for stage in STAGES:
         stage_line(console, stage)
     assert re.search(r"seedboot: agent \S+ up at [\d.]+s \(kernel ran /init at [\d.]+s\)", console)

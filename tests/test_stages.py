@@ -331,22 +331,28 @@ def test_machine_cpu_counts_what_this_process_burns() -> None:
     assert busy1 - busy0 >= used - 0.05 and idle1 >= idle0
 
 
-def test_switch_leaves_the_shutdown_unit_only_for_systemd_with_a_cache_partition(tmp_path: Path) -> None:
-    """The unit goes in the /run the new root gets (the parent of /run/seedboot), enabled for
-    this boot, and names the daemon's pid and progress file; without systemd in the new root
-    or without a cache partition nothing is written."""
-    from seedboot.agent.quiesce import UNIT
+def test_switch_leaves_the_shutdown_hand_off_for_a_cache_partition(tmp_path: Path) -> None:
+    """With a cache partition, /run/seedboot/quiesce for any init, and with systemd in the new
+    root also the unit, in the /run the new root gets (the parent of /run/seedboot), enabled
+    for this boot; both name the daemon's pid and progress file. With the cache in RAM,
+    nothing."""
+    from seedboot.agent.quiesce import SCRIPT, UNIT, stop_command
 
     ctx = context(tmp_path, "seed.name=demo", io.StringIO())
     ctx.paths = dataclasses.replace(ctx.paths, newroot=tmp_path / "newroot")
     ctx.daemon_pid = 4242
     units = tmp_path / "systemd" / "system"
-    assert switch.clean_shutdown(ctx) == "" and not units.exists()  # no systemd in the new root
+    ctx.paths.run.mkdir(parents=True, exist_ok=True)
+    script = ctx.paths.run / SCRIPT
+    ctx.cache_kind = "ram"
+    assert switch.clean_shutdown(ctx) == "" and not script.exists()
+    ctx.cache_kind = "disk"
+    # no systemd in the new root: only the script, which its shutdown may run
+    assert switch.clean_shutdown(ctx) == f"; at shutdown, run {script} to leave the cache clean"
+    assert not units.exists() and os.access(script, os.X_OK)
+    assert stop_command(4242, ctx.paths.mountpoint / "progress.json") in script.read_text()
     (ctx.paths.newroot / "usr/lib/systemd").mkdir(parents=True)
     (ctx.paths.newroot / "usr/lib/systemd/systemd").write_text("")
-    ctx.cache_kind = "ram"
-    assert switch.clean_shutdown(ctx) == "" and not units.exists()
-    ctx.cache_kind = "disk"
     assert UNIT in switch.clean_shutdown(ctx)
     text = (units / UNIT).read_text()
     assert "kill -USR1 4242" in text and str(ctx.paths.mountpoint / "progress.json") in text

@@ -69,6 +69,9 @@ echo "SEEDBOOT-DEMO-OK sha256=ok overlay=ok root=${root% *} fstype=${root#* } up
 if grep -qw seed.debug /proc/cmdline && [ -r /run/seedboot/blockdev.log ]; then
     sed 's/^/blockdev.log: /' /run/seedboot/blockdev.log
 fi
+# The block daemon writes what it still holds and leaves the cache partition clean
+# (what the systemd unit does on a systemd root: agent/quiesce.py).
+[ -x /run/seedboot/quiesce ] && /run/seedboot/quiesce
 sync
 poweroff -f
 """

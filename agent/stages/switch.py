@@ -108,20 +108,25 @@ def cpu_split(ctx: Context) -> str:
 
 
 def clean_shutdown(ctx: Context) -> str:
-    """With the cache on a partition and systemd in the new root: the unit that has the
-    block daemon leave the partition clean at shutdown (agent/quiesce.py), in the /run the
-    new root gets. Other init systems power off with the partition as it is (its journal
-    replays at the next mount)."""
-    from seedboot.agent.quiesce import install_unit
+    """With the cache on a partition: what has the block daemon write what it holds and leave
+    the partition clean at shutdown (agent/quiesce.py), in the /run the new root gets. With
+    systemd in the new root, a unit does it; any other init can run /run/seedboot/quiesce
+    before it powers off (the demo root does), else the partition's journal replays at the
+    next mount and the blocks the daemon still held are fetched again."""
+    from seedboot.agent.quiesce import SCRIPT, install_script, install_unit
 
     newroot = ctx.paths.newroot
     if ctx.cache_kind != "disk" or not ctx.daemon_pid:
         return ""
-    if not any((newroot / p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")):
-        log.info("no systemd in the new root: the cache partition stays mounted at power-off")
-        return ""
+    progress = ctx.paths.mountpoint / "progress.json"
     try:
-        progress = ctx.paths.mountpoint / "progress.json"
+        install_script(ctx.paths.run / SCRIPT, ctx.daemon_pid, progress)
+    except OSError as e:
+        log.warning("cannot write %s: %s", ctx.paths.run / SCRIPT, e)
+    if not any((newroot / p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")):
+        log.info("no systemd in the new root: its shutdown may run %s", ctx.paths.run / SCRIPT)
+        return f"; at shutdown, run {ctx.paths.run / SCRIPT} to leave the cache clean"
+    try:
         return "; " + install_unit(ctx.paths.run.parent, ctx.daemon_pid, progress)
     except OSError as e:
         log.warning("cannot install the shutdown unit: %s", e)
