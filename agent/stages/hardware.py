@@ -9,11 +9,13 @@ Storage drivers and the file systems load in a background thread while this stag
 a NIC and the network stage for DHCP: probing IDE/SATA ports waits on the (emulated) hardware,
 0.3-1.5 s of module init under QEMU's emulation for ata_piix alone, and ext4 is the largest
 module. The thread loads ext4 and the drivers of disks that need no port probing (virtio,
-SCSI HBAs, Xen, Hyper-V) first, then the IDE/SATA ones and the modules later stages need.
-The cache stage, the first to need a disk, waits for the first group (``wait_quick``) and
-looks for its partition; only if it is not there does it wait for the rest (``settle``).
-With no NIC to wait for (an offline boot) the cache stage had waited 0.85 s for the virtio
-disk queued behind ata_piix and fuse.
+SCSI HBAs, Xen, Hyper-V) first, then the modules later stages need. The cache stage, the
+first to need a disk, waits for the first group (``wait_quick``) and looks for its partition;
+only if it is not there are the IDE/SATA drivers loaded (``settle(slow_storage=True)``).
+Otherwise nothing in the miniroot needs them: the booted OS loads its own drivers for its
+disks. (With no NIC to wait for, the cache stage had waited 0.85 s for the virtio disk
+queued behind ata_piix and fuse; and on a virtio machine ata_piix, libata and scsi_mod were
+loaded for an IDE controller with nothing on it.)
 
 The aliases are the ``modalias`` files of the devices on each bus (/sys/bus/*/devices), what
 libudev reads too. pyudev gives the same set (tests/test_stages.py checks that on the host)
@@ -153,7 +155,8 @@ class Coldplug:
     rounds: int = 0
     background: threading.Thread | None = None
     quick: threading.Event = field(default_factory=threading.Event)  # set: the first group is loaded
-    settled: bool = False
+    settled: bool = False  # everything but the slow storage drivers
+    settled_slow: bool = False  # those too
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def round(self, want: Callable[[str], bool], extra: Iterable[str] = ()) -> int:
@@ -177,7 +180,7 @@ class Coldplug:
             first = []
 
     def start_background(self, quick: Iterable[str], later: Iterable[str]) -> None:
-        """Load the quick storage drivers and QUICK, then the slow ones and LATER, in a thread."""
+        """Load the quick storage drivers and QUICK, then LATER, in a thread."""
         first, then = list(quick), list(later)
 
         def run() -> None:
@@ -185,7 +188,7 @@ class Coldplug:
                 self.until_quiet(is_quick_storage, first)
             finally:
                 self.quick.set()
-            self.until_quiet(is_storage, then)
+            self.until_quiet(is_quick_storage, then)
 
         self.background = threading.Thread(target=run, name="coldplug-storage", daemon=True)
         self.background.start()
@@ -198,23 +201,26 @@ class Coldplug:
         self.quick.wait()
         return time.monotonic() - t0
 
-    def settle(self) -> float:
-        """Wait for the background loads, then load what any device still needs; seconds waited."""
-        if self.settled:
+    def settle(self, slow_storage: bool = True) -> float:
+        """Wait for the background loads, then load what any device still needs (with or
+        without the IDE/SATA drivers); seconds waited."""
+        if self.settled_slow or (self.settled and not slow_storage):
             return 0.0
         t0 = time.monotonic()
         if self.background is not None:
             self.background.join()
-        self.until_quiet(lambda _alias: True)
-        self.settled = True
+        self.until_quiet(lambda alias: slow_storage or SLOW_STORAGE.match(alias) is None)
+        self.settled, self.settled_slow = True, self.settled_slow or slow_storage
         return time.monotonic() - t0
 
 
-def settle(ctx: Context) -> None:
-    """Every driver loaded and the disks listed: for the stages that need a disk or a file system."""
-    if ctx.coldplug is None or ctx.coldplug.settled:
+def settle(ctx: Context, slow_storage: bool = True) -> None:
+    """Every driver loaded (the IDE/SATA ones only with SLOW_STORAGE) and the disks listed: for
+    the stages that need a disk or a file system."""
+    cp = ctx.coldplug
+    if cp is None or cp.settled_slow or (cp.settled and not slow_storage):
         return  # the cache and root stages both call this: only the first waits
-    waited = ctx.coldplug.settle()
+    waited = cp.settle(slow_storage)
     ctx.disks = disks()
     if waited > 0.05:
         log.debug("storage drivers settled after %.2fs more; disks %s", waited, " ".join(ctx.disks))

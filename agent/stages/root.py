@@ -207,7 +207,9 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
 def run(ctx: Context) -> str:
     from seedboot.agent.stages.hardware import settle
 
-    settle(ctx)  # the disk drivers and file systems (loading in the background since hardware)
+    # loop, overlay, dm-verity (loading in the background since hardware); the IDE/SATA disk
+    # drivers only if the cache stage needed them to look for its partition
+    settle(ctx, slow_storage=False)
     image = ctx.paths.mountpoint / "disk.img"
     try:
         dev, loopfd = attach_loop(image)
