@@ -401,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", type=Path, help="kernel directory (seedboot kernel fetch --out DIR) to reuse")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
+        "--block-size",
+        default="",
+        metavar="SIZE",
+        help="publish the workload with this block size (seedboot publish --block-size; default its own)",
+    )
+    p.add_argument(
         "--icount",
         action="store_true",
         help="time each boot by the guest's instruction-counted clock (QEMU -icount): reproducible on a "
@@ -454,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             if not why:
                 try:
                     say("seedboot: publishing the image and building the miniroot")
-                    bench.seed = seedboot_runs.prepare(work, workload.BUILD)
+                    bench.seed = seedboot_runs.prepare(work, workload.BUILD, args.block_size)
                     if any(r.config.mode == "profile" for r in seed_rows):
                         say("seedboot: recording a boot profile")
                         bench.record_profile()

@@ -71,6 +71,7 @@ class Setup:
     key: Path
     workdir: Path
     has_profile: bool = False
+    block_size: str = ""  # publish --block-size ("" for publish's default)
 
     def append(self, mirror_url: str | None, *flags: str) -> str:
         mirrors = [f"seed.mirrors={mirror_url}"] if mirror_url else []
@@ -103,9 +104,9 @@ def mirror_dir(build: Path) -> Path:
     return build / "seedboot" / "mirror"
 
 
-def prepare(work: Workload, build: Path) -> Setup:
-    """Publish the image (once per image and publisher change) and build the miniroot (once per
-    source change)."""
+def prepare(work: Workload, build: Path, block_size: str = "") -> Setup:
+    """Publish the image (once per image, publisher or block size change) and build the
+    miniroot (once per source change)."""
     d = build / "seedboot"
     d.mkdir(parents=True, exist_ok=True)
     key, pub = d / "bench.key", d / "bench.pub"
@@ -113,15 +114,19 @@ def prepare(work: Workload, build: Path) -> Setup:
         seedboot("keygen", "--out", str(d / "bench"))
     mirror = mirror_dir(build)
     stamp = d / "published"
-    if not _newer(stamp, work.image, key, *publish_sources()):
+    sized = ["--block-size", block_size] if block_size else []
+    fresh = _newer(stamp, work.image, key, *publish_sources())
+    if not fresh or stamp.read_text().strip() != (block_size or "1"):
         if mirror.exists():
             shutil.rmtree(mirror)
-        seedboot("publish", str(work.image), "--mirror", str(mirror), "--name", NAME, "--key", str(key))
-        stamp.write_text("1\n")
+        seedboot(
+            "publish", str(work.image), "--mirror", str(mirror), "--name", NAME, "--key", str(key), *sized
+        )
+        stamp.write_text(f"{block_size or 1}\n")
     initrd = d / "miniroot.img"
     if not _newer(initrd, pub, work.kernel.vmlinuz, *miniroot_sources()):
         seedboot("mkinitramfs", "--kernel", str(work.kernel.root), "--pubkey", str(pub), "--out", str(initrd))
-    return Setup(mirror=mirror, initrd=initrd, pubkey=pub, key=key, workdir=d)
+    return Setup(mirror=mirror, initrd=initrd, pubkey=pub, key=key, workdir=d, block_size=block_size)
 
 
 def cache_disk(path: Path, copy_of: Path | None = None) -> Path:
@@ -202,6 +207,7 @@ def publish_profile(setup: Setup, traces: list[Path], image: Path) -> None:
         str(setup.key),
         "--profile",
         str(profile),
+        *(["--block-size", setup.block_size] if setup.block_size else []),
     )
     setup.has_profile = True
 
