@@ -404,14 +404,14 @@ def verity_error_handler(
     - a block of the cached hash tree (the root stage checks only its top block against the
       signed root hash, agent/verity.py) means the cached tree is damaged: it is removed, so
       the next boot fetches it again. This boot's reads under that block keep failing."""
+    from seedboot.agent.verity import forget_damaged_tree
+
     bs = dev.index.block_size
     dropped: list[int] = []
 
     def on_error(kind: int, n: int) -> None:
         if kind == VERITY_METADATA:
             if not dropped:
-                from seedboot.agent.verity import forget_damaged_tree
-
                 dropped.append(n)
                 forget_damaged_tree(tree, n)
             return

@@ -110,7 +110,8 @@ def forget_damaged_tree(path: Path, block: int) -> None:
 def fetch_tree(name: str, v: Verity, cache: Path, reader: Reader | None) -> Path:
     """The hash tree on the cache: the cached copy if its size and top block match the signed
     values (it was checked whole before it was written, and dm-verity checks each lower block
-    when it reads it: hashing all of it again cost ~1 s of the offline boot under emulation),
+    when it reads it: hashing all of it again cost the offline boot's root stage ~1 s of guest
+    time under -icount),
     else fetched and checked whole (a mirror's bad tree is refused before the kernel sees it)."""
     path = cache / tree_path(name, v.tree)
     try:

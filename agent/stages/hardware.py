@@ -201,10 +201,13 @@ class Coldplug:
         self.quick.wait()
         return time.monotonic() - t0
 
+    def is_settled(self, slow_storage: bool) -> bool:
+        return self.settled_slow or (self.settled and not slow_storage)
+
     def settle(self, slow_storage: bool = True) -> float:
         """Wait for the background loads, then load what any device still needs (with or
         without the IDE/SATA drivers); seconds waited."""
-        if self.settled_slow or (self.settled and not slow_storage):
+        if self.is_settled(slow_storage):
             return 0.0
         t0 = time.monotonic()
         if self.background is not None:
@@ -218,7 +221,7 @@ def settle(ctx: Context, slow_storage: bool = True) -> None:
     """Every driver loaded (the IDE/SATA ones only with SLOW_STORAGE) and the disks listed: for
     the stages that need a disk or a file system."""
     cp = ctx.coldplug
-    if cp is None or cp.settled_slow or (cp.settled and not slow_storage):
+    if cp is None or cp.is_settled(slow_storage):
         return  # the cache and root stages both call this: only the first waits
     waited = cp.settle(slow_storage)
     ctx.disks = disks()

@@ -118,14 +118,14 @@ def clean_shutdown(ctx: Context) -> str:
     newroot = ctx.paths.newroot
     if ctx.cache_kind != "disk" or not ctx.daemon_pid:
         return ""
-    progress = ctx.paths.mountpoint / "progress.json"
+    progress, script = ctx.paths.mountpoint / "progress.json", ctx.paths.run / SCRIPT
     try:
-        install_script(ctx.paths.run / SCRIPT, ctx.daemon_pid, progress)
+        install_script(script, ctx.daemon_pid, progress)
     except OSError as e:
-        log.warning("cannot write %s: %s", ctx.paths.run / SCRIPT, e)
+        log.warning("cannot write %s: %s", script, e)
     if not any((newroot / p).exists() for p in ("usr/lib/systemd/systemd", "lib/systemd/systemd")):
-        log.info("no systemd in the new root: its shutdown may run %s", ctx.paths.run / SCRIPT)
-        return f"; at shutdown, run {ctx.paths.run / SCRIPT} to leave the cache clean"
+        log.info("no systemd in the new root: its shutdown may run %s", script)
+        return f"; at shutdown, run {script} to leave the cache clean"
     try:
         return "; " + install_unit(ctx.paths.run.parent, ctx.daemon_pid, progress)
     except OSError as e:
