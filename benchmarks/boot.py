@@ -41,7 +41,6 @@ from tests.helpers import Nginx
 log = logging.getLogger("benchmarks.boot")
 
 MIB = 1024 * 1024
-SEEDBOOT_NIC = ["-nic", "user,model=virtio-net-pci"]
 # Table 3 of the paper (KNOPPIX, NetBSD and Plan9 on Xen; 100 ms from dummynet), % of the DVD.
 PAPER = {
     "a": "100% (DVD)",
@@ -68,6 +67,7 @@ def configs(rtt: float) -> list[Config]:
     ms = f"{rtt * 1000:.0f} ms"
     return [
         Config("a", "local disk, busybox initramfs", "local", None),
+        Config("a0", "local disk, no NIC", "local", None, mode="nonic"),
         Config("b", "seedboot, profile", "seedboot", 0.0, mode="profile"),
         Config("c", "seedboot, no profile", "seedboot", rtt, mode="noprofile"),
         Config("d", "seedboot, profile", "seedboot", rtt, mode="profile"),
@@ -163,7 +163,8 @@ class Bench:
     def run(self, cfg: Config, i: int) -> Run:
         assert self.nginx is not None
         if cfg.kind == "local":
-            drive = ["-drive", f"file={self.work.image},format=raw,if=virtio,snapshot=on", "-nic", "none"]
+            drive = ["-drive", f"file={self.work.image},format=raw,if=virtio,snapshot=on"]
+            drive += ["-nic", "none"] if cfg.mode == "nonic" else vm.NIC
             return self._result(self.boot(cfg, i, self.work.initrd, "", drive), None)
         if cfg.kind == "seedboot" and cfg.mode == "offline":
             return self._seedboot_offline(cfg, i)
@@ -184,7 +185,7 @@ class Bench:
         cache = seedboot_runs.cache_disk(self.out / "cache" / f"{cfg.key}.img")
         flags = ["seed.prefetch=off"] if cfg.mode == "noprofile" else ["seed.prefetch=profile"]
         append = self.seed.append(f"http://10.0.2.2:{proxy.port}/mirror", *flags)
-        extra = SEEDBOOT_NIC + seedboot_runs.cache_drive(cache)
+        extra = vm.NIC + seedboot_runs.cache_drive(cache)
         keep = cfg.key == "d"
         proxy.reset_counters()
         b = self.boot(cfg, i, self.seed.initrd, append, extra, wait_poweroff=60.0 if keep else 0.0)
@@ -228,7 +229,7 @@ class Bench:
                 0,
                 self.seed.initrd,
                 append,
-                SEEDBOOT_NIC + seedboot_runs.cache_drive(cache),
+                vm.NIC + seedboot_runs.cache_drive(cache),
                 wait_poweroff=60.0,
             )
         if not b.ok:

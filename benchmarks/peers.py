@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from benchmarks import vm
 from tests.helpers import free_port, wait_port
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def qemu_curl_drive(url: str, readahead: int | None = None) -> list[str]:
     opts = [f"file.driver=http,file.url={url},file.timeout=60", "format=raw,if=virtio,snapshot=on"]
     if readahead is not None:
         opts.insert(1, f"file.readahead={readahead}")
-    return ["-drive", ",".join(opts), "-nic", "none"]
+    return ["-drive", ",".join(opts), *vm.NIC]
 
 
 @contextlib.contextmanager
@@ -48,7 +49,7 @@ def nbdkit_curl(url: str, workdir: Path, cache_on_read: bool = True) -> Iterator
         )
     try:
         wait_port(port, timeout=30)
-        yield ["-drive", f"file=nbd://127.0.0.1:{port},format=raw,if=virtio,snapshot=on", "-nic", "none"]
+        yield ["-drive", f"file=nbd://127.0.0.1:{port},format=raw,if=virtio,snapshot=on", *vm.NIC]
     finally:
         proc.terminate()
         try:
