@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 
 ARGV0 = "@seedboot-blockdev"
 READY_TIMEOUT = 120.0
+# What PID 1's later stages import and the daemon imports too (import_shared)
+SHARED_MODULES = (
+    "seedboot.agent.release",
+    "seedboot.agent.localcopy",
+    "seedboot.agent.verity",
+    "seedboot.agent.quiesce",
+    "zstandard",
+)
+# the same for what only fetching needs (the mirror stage's probes, the daemon's fetcher)
+SHARED_NETWORK_MODULES = ("pycurl", "seedboot.agent.mirrors", "seedboot.agent.reader")
 SAY_AFTER = 3.0
 
 
@@ -56,10 +66,24 @@ def frozen() -> bool:
     return Path(sys.executable).name.startswith("seedboot-agent")
 
 
+def import_shared(offline: bool) -> None:
+    """Import, before the fork, what both PID 1's later stages and the daemon import: the
+    child then has them (copy-on-write) instead of importing them a second time on the one
+    CPU, and PID 1 only imports them earlier than it would have."""
+    import importlib
+
+    for name in SHARED_MODULES + (() if offline else SHARED_NETWORK_MODULES):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:  # the daemon's own import says what is missing, in its stage
+            log.warning("cannot import %s: %s", name, e)
+
+
 def prewarm(ctx: Context) -> Prewarmed | None:
     """Start the daemon's process now; ``run`` hands it the command line later."""
     if not frozen():
         return None  # stages run on a host by tests: the daemon starts in its own stage
+    import_shared(ctx.cmdline.offline)
     if threading.active_count() > 1:
         # a fork copies no other thread, so a lock one of them holds would stay held in the
         # child forever: start the daemon in its stage instead (never the case at early)
