@@ -333,9 +333,10 @@ class LocalCopy:
 
     def _write_direct(self, plain: bytes, offset: int) -> bool:
         """Write with O_DIRECT if the block and the file system allow it; False: write it
-        buffered. Under emulation a buffered write cost the guest's kernel a page-cache page, a
-        writeback and a completion per 4 KiB (~1 s of the first boot's CPU for a profile's 46
-        MB); a direct write hands the disk the block in one request."""
+        buffered. A buffered write costs the kernel a page-cache page, a writeback and a
+        completion per 4 KiB, a direct one hands the disk the block in one request: under
+        emulation the writer used 0.44 s of CPU for a first boot's profile (46 MB) buffered and
+        0.16 s direct (-icount)."""
         n = len(plain)
         buf = self.direct_buf
         if self.direct_fd is None or buf is None or n % DIRECT_ALIGN or n > len(buf):
