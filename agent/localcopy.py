@@ -18,13 +18,16 @@ Files: ``NAME/copy/<index digest>.img`` (sparse, the image's size: holes read as
 the index's holes map there too) and ``.map``, the copied block numbers (u32 little-endian
 each). A block's number is appended only after its bytes are on disk (``fdatasync`` first):
 a crash loses at most the last entries, and never maps a block whose bytes are not there.
-A new index (another version) starts a new copy, and the old one is removed.
+A new index (another version) starts a new copy and the old one is removed; the new copy
+takes over the old one's blocks that the new version has unchanged (same digest at the same
+place), written by the writer when it is idle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import mmap
 import os
@@ -35,8 +38,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from seedboot.agent import layout
 from seedboot.agent.dm import Target
-from seedboot.agent.index import Index
+from seedboot.agent.errors import FormatError
+from seedboot.agent.index import Index, decode
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +174,12 @@ class LocalCopy:
         self.reserved = reserved
         self.img, self.map = paths(cache, name, index_digest)
         self.img.parent.mkdir(parents=True, exist_ok=True)
+        # another version's copy: its blocks this version has unchanged, carried over by the
+        # writer when it is idle (read from this descriptor: its files are removed below)
+        self.carry: list[int] = []  # highest first: pop() takes the lowest
+        self.carry_fd: int | None = None
+        self.carried = 0
+        self._take_over(cache, name, index_digest)
         for old in self.img.parent.iterdir():
             if old.stem != index_digest:
                 log.info("local copy: removing %s (another version's)", old.name)
@@ -192,6 +203,38 @@ class LocalCopy:
         self.thread = threading.Thread(target=self._run, name="local-copy", daemon=True)
         self.thread.start()
         log.info("local copy %s: %d of %d blocks copied before", self.img, len(self.have), index.nblocks)
+
+    def _take_over(self, cache: Path, name: str, index_digest: str) -> None:
+        """Open another version's copy and note which of its blocks are the same here (same
+        digest at the same place), so that an update does not start the copy from nothing.
+        They are checked like every copied block: by dm-verity against this version's root
+        hash when read (a block altered on the disk fails that read and is copied again)."""
+        index = self.index
+        for old in sorted(self.img.parent.glob("*.img")):
+            if old.stem == index_digest or self.carry_fd is not None:
+                continue
+            try:
+                data = (cache / layout.index_path(name, old.stem)).read_bytes()
+                if hashlib.sha256(data).hexdigest() != old.stem:
+                    raise FormatError("its index in the cache does not match its name")
+                prev = decode(data)
+                fd = os.open(old, os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, FormatError) as e:
+                log.info("local copy: %s not taken over: %s", old.name, e)
+                continue
+            same = [
+                b
+                for b in read_map(old.with_suffix(".map"), min(prev.nblocks, index.nblocks))
+                if prev.block_size == index.block_size
+                and not index.is_hole(b)
+                and prev.digests[b] == index.digests[b]
+                and prev.plain_len(b) == index.plain_len(b)
+            ]
+            if same:
+                self.carry, self.carry_fd = sorted(same, reverse=True), fd
+                log.info("local copy: taking over %d unchanged blocks from %s", len(same), old.name)
+            else:
+                os.close(fd)
 
     def add(self, b: int, plain: bytes, wait: bool = False) -> bool:
         """Queue block b's verified plain bytes for the copy (cheap when it is there). With
@@ -227,7 +270,7 @@ class LocalCopy:
             log.warning("local copy %s: the writer did not finish within %.0f s", self.img, timeout)
             return
         with self.lock:  # not while forget() swaps the map file
-            for fd in (self.fd, self.map_fd, self.direct_fd):
+            for fd in (self.fd, self.map_fd, self.direct_fd, self.carry_fd):
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -243,6 +286,7 @@ class LocalCopy:
             "room": self.room,
             "missed": len(self.missed),
             "backfilled": self.backfilled,
+            "carried": self.carried,
         }
 
     def _run(self) -> None:
@@ -250,14 +294,19 @@ class LocalCopy:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
         while True:
             try:
-                idle = BACKFILL_IDLE if self.missed and self.backfill and self.room else None
+                pending = (self.missed and self.backfill) or self.carry
+                idle = BACKFILL_IDLE if self.room and pending else None
                 item = self.queue.get(timeout=idle)
             except queue.Empty:
-                late = self._missed_batch()
+                backfill = bool(self.missed and self.backfill)
+                late = self._missed_batch() if backfill else self._carry_batch()
                 if late:
                     before = self.written
                     self._write_batch(late)
-                    self.backfilled += self.written - before
+                    if backfill:
+                        self.backfilled += self.written - before
+                    else:
+                        self.carried += self.written - before
                 if self.stopped:
                     return
                 continue
@@ -296,6 +345,29 @@ class LocalCopy:
                 batch.append((b, self.backfill(b)))
             except OSError as e:
                 log.debug("local copy: skipped block %d not copied: %s", b, e)
+        return batch
+
+    def _carry_batch(self) -> list[tuple[int, bytes]]:
+        """Up to BATCH blocks from the other version's copy (``_take_over``); its descriptor is
+        closed once they are all taken or it cannot be read."""
+        batch: list[tuple[int, bytes]] = []
+        fd = self.carry_fd
+        while fd is not None and self.carry and len(batch) < BATCH and not (self.stopped or self.closed):
+            b = self.carry.pop()
+            if b in self.have:
+                continue
+            n = self.index.plain_len(b)
+            try:
+                data = os.pread(fd, n, b * self.index.block_size)
+            except OSError as e:
+                log.warning("local copy: taking over stopped: %s", e.strerror)
+                self.carry = []
+                break
+            if len(data) == n:
+                batch.append((b, data))
+        if fd is not None and (not self.carry or self.closed):
+            os.close(fd)
+            self.carry_fd, self.carry = None, []
         return batch
 
     def _write_batch(self, batch: list[tuple[int, bytes]]) -> None:

@@ -259,3 +259,60 @@ def test_blocks_skipped_while_the_writer_lags_are_copied_once_it_is_idle(
     assert all(
         data[b * bs : b * bs + idx.plain_len(b)] == image[b * bs : b * bs + idx.plain_len(b)] for b in blocks
     )
+
+
+def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig, tmp_path: Path
+) -> None:
+    """An update changes a few blocks: the new version's copy starts with every other block
+    the old copy held, without a read, and the next boot's device is the new image."""
+    mirror = tmp_path / "mirror"
+    shutil.copytree(published.mirror, mirror)
+    idx1 = load_index(mirror)
+    data = bytearray(published.image.read_bytes())
+    full = [b for b in range(idx1.nblocks) if not idx1.is_hole(b)]
+    changed = {full[len(full) // 3], full[2 * len(full) // 3]}
+    for b in changed:
+        data[b * idx1.block_size + 100] ^= 0xFF
+    image2 = tmp_path / "image2.ext4"
+    image2.write_bytes(data)
+    publish.publish(image2, mirror, NAME, keys.load_secret_key(published.key))  # v2
+    srv = nginx(mirror)
+    cache = own_fs(rig, "cache", 256)
+
+    m = rig.mount([srv.url], cache, "--version", "1", "--prefetch", "off", "--local-copy", pub=published.pub)
+    img1, map1 = localcopy.paths(cache, NAME, index_digest(mirror, 1))
+    assert direct_sha256(m.disk) == published.image_sha
+    deadline = time.monotonic() + 30
+    while localcopy.usable(img1, map1, idx1) != set(full) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert localcopy.usable(img1, map1, idx1) == set(full)
+    clean_umount(m)
+
+    m = rig.mount([srv.url], cache, "--prefetch", "off", "--local-copy", pub=published.pub)
+    assert m.status()["version"] == 2
+    idx2 = load_index(mirror, 2)
+    img2, map2 = localcopy.paths(cache, NAME, index_digest(mirror, 2))
+    want = set(full) - changed
+    deadline = time.monotonic() + 60
+    while localcopy.usable(img2, map2, idx2) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert localcopy.usable(img2, map2, idx2) == want, copy_status(m)
+    # each block written once: carried, unless a read through the daemon copied it first
+    # (the mount's first reads: counted as from the cache or the network)
+    counters = m.status()["counters"]
+    through_daemon = counters["from_cache"] + counters["fetched"]
+    while (cp := copy_status(m))["carried"] != len(want) - through_daemon and time.monotonic() < deadline:
+        time.sleep(0.1)  # the count follows the map's entries
+    assert cp["written"] == len(want) and cp["carried"] == len(want) - through_daemon, (cp, counters)
+    assert through_daemon <= 2
+    assert not img1.exists() and not map1.exists(), "the old version's copy stays on the disk"
+    clean_umount(m)
+
+    # the next boot's device: the carried blocks from the copy, the changed ones from the daemon
+    copy, image = img2.read_bytes(), bytes(data)
+    out = bytearray()
+    for first, count, local in localcopy.segments(idx2, want):
+        lo, hi = first * idx2.block_size, min((first + count) * idx2.block_size, idx2.image_size)
+        out += copy[lo:hi] if local else image[lo:hi]
+    assert out == image
