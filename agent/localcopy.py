@@ -218,23 +218,23 @@ class LocalCopy:
                 if hashlib.sha256(data).hexdigest() != old.stem:
                     raise FormatError("its index in the cache does not match its name")
                 prev = decode(data)
-                fd = os.open(old, os.O_RDONLY | os.O_CLOEXEC)
+                if prev.block_size != index.block_size:
+                    raise FormatError(f"its blocks are {prev.block_size} bytes, these {index.block_size}")
+                same = [
+                    b
+                    for b in read_map(old.with_suffix(".map"), min(prev.nblocks, index.nblocks))
+                    if not index.is_hole(b)
+                    and prev.digests[b] == index.digests[b]
+                    and prev.plain_len(b) == index.plain_len(b)
+                ]
+                if same:
+                    self.carry_fd = os.open(old, os.O_RDONLY | os.O_CLOEXEC)
             except (OSError, FormatError) as e:
                 log.info("local copy: %s not taken over: %s", old.name, e)
                 continue
-            same = [
-                b
-                for b in read_map(old.with_suffix(".map"), min(prev.nblocks, index.nblocks))
-                if prev.block_size == index.block_size
-                and not index.is_hole(b)
-                and prev.digests[b] == index.digests[b]
-                and prev.plain_len(b) == index.plain_len(b)
-            ]
             if same:
-                self.carry, self.carry_fd = sorted(same, reverse=True), fd
+                self.carry = sorted(same, reverse=True)
                 log.info("local copy: taking over %d unchanged blocks from %s", len(same), old.name)
-            else:
-                os.close(fd)
 
     def add(self, b: int, plain: bytes, wait: bool = False) -> bool:
         """Queue block b's verified plain bytes for the copy (cheap when it is there). With
