@@ -579,7 +579,9 @@ class Prefetcher:
                 continue
             d = idx.digest_hex(b)
             if copy is not None:
-                if b in copy.have:  # every place of a block goes to the copy, so no dedup
+                # every place of a block goes to the copy, so no dedup; a block the copy
+                # carries over from the last version's is left to it (disk to disk; dm-verity checks it)
+                if copy.will_have(b):
                     self.done += 1
                     continue
             elif d in seen or self.dev.is_local(b):

@@ -20,7 +20,8 @@ each). A block's number is appended only after its bytes are on disk (``fdatasyn
 a crash loses at most the last entries, and never maps a block whose bytes are not there.
 A new index (another version) starts a new copy and the old one is removed; the new copy
 takes over the old one's blocks that the new version has unchanged (same digest at the same
-place), written by the writer when it is idle.
+place): the writer carries them over first, disk to disk, and the root stage waits for them,
+so even the update's first boot reads them without the daemon.
 """
 
 from __future__ import annotations
@@ -175,8 +176,11 @@ class LocalCopy:
         self.img, self.map = paths(cache, name, index_digest)
         self.img.parent.mkdir(parents=True, exist_ok=True)
         # another version's copy: its blocks this version has unchanged, carried over by the
-        # writer when it is idle (read from this descriptor: its files are removed below)
+        # writer before anything but queued blocks (read from this descriptor: its files are
+        # removed below); the prefetch leaves them to it (``will_have``)
         self.carry: list[int] = []  # highest first: pop() takes the lowest
+        self.carry_set: set[int] = set()
+        self.carry_inflight = 0  # popped from ``carry``, being written
         self.carry_fd: int | None = None
         self.carried = 0
         self._take_over(cache, name, index_digest)
@@ -234,13 +238,18 @@ class LocalCopy:
                 continue
             if same:
                 self.carry = sorted(same, reverse=True)
+                self.carry_set = set(same)
                 log.info("local copy: taking over %d unchanged blocks from %s", len(same), old.name)
+
+    def will_have(self, b: int) -> bool:
+        """Whether block b is in the copy or about to be carried into it."""
+        return b in self.have or b in self.carry_set
 
     def add(self, b: int, plain: bytes, wait: bool = False) -> bool:
         """Queue block b's verified plain bytes for the copy (cheap when it is there). With
         MAX_QUEUED blocks waiting it is skipped (a reader never waits for the disk), unless
         ``wait``: the profile's prefetch waits for room instead."""
-        if b in self.have or b in self.queued or self.stopped or self.closed or self.index.is_hole(b):
+        if self.will_have(b) or b in self.queued or self.stopped or self.closed or self.index.is_hole(b):
             return False
         with self.drained:
             while len(self.queued) >= MAX_QUEUED:
@@ -287,6 +296,7 @@ class LocalCopy:
             "missed": len(self.missed),
             "backfilled": self.backfilled,
             "carried": self.carried,
+            "carry": len(self.carry) + self.carry_inflight,
         }
 
     def _run(self) -> None:
@@ -294,19 +304,26 @@ class LocalCopy:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITE_NICE)
         while True:
             try:
-                pending = (self.missed and self.backfill) or self.carry
-                idle = BACKFILL_IDLE if self.room and pending else None
-                item = self.queue.get(timeout=idle)
+                if self.carry and self.room:
+                    # the root stage waits for the carried blocks: no idle wait before them
+                    item = self.queue.get_nowait()
+                else:
+                    idle = BACKFILL_IDLE if self.room and self.missed and self.backfill else None
+                    item = self.queue.get(timeout=idle)
             except queue.Empty:
-                backfill = bool(self.missed and self.backfill)
-                late = self._missed_batch() if backfill else self._carry_batch()
+                carry = bool(self.carry)
+                late = self._carry_batch() if carry else self._missed_batch()
                 if late:
                     before = self.written
                     self._write_batch(late)
-                    if backfill:
-                        self.backfilled += self.written - before
-                    else:
+                    if carry:
                         self.carried += self.written - before
+                    else:
+                        self.backfilled += self.written - before
+                if carry:
+                    self.carry_inflight = 0
+                    if not self.carry:
+                        self.carry_set = set()
                 if self.stopped:
                     return
                 continue
@@ -365,6 +382,7 @@ class LocalCopy:
                 break
             if len(data) == n:
                 batch.append((b, data))
+        self.carry_inflight = len(batch)
         if fd is not None and (not self.carry or self.closed):
             os.close(fd)
             self.carry_fd, self.carry = None, []

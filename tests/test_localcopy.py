@@ -26,7 +26,7 @@ from seedboot.agent import cache as cache_mod
 from seedboot.agent import layout, localcopy
 from seedboot.agent import profile as profilemod
 from seedboot.agent.index import Index
-from seedboot.agent.stages.root import wait_for_profile_copy
+from seedboot.agent.stages.root import wait_for_copy
 from seedboot.tools import keys, publish
 from tests.helpers import Nginx
 from tests.test_blockdev import NAME, Published, Rig, clean_umount, load_index, published, rig
@@ -196,7 +196,7 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     m = rig.mount([srv.url], cache, "--prefetch", "profile", "--local-copy", pub=published.pub)
     # the root stage's wait, against the real daemon
     said: list[str] = []
-    note = wait_for_profile_copy(m.mountpoint / "progress.json", said.append)
+    note = wait_for_copy(m.mountpoint / "progress.json", said.append)
     assert note.startswith(f" (the profile's {len(order)} blocks copied first: waited"), note
     st = m.status()
     pf, cp = st["prefetch"], st["copy"]
@@ -261,11 +261,10 @@ def test_blocks_skipped_while_the_writer_lags_are_copied_once_it_is_idle(
     )
 
 
-def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
-    published: Published, nginx: Callable[..., Nginx], rig: Rig, tmp_path: Path
-) -> None:
-    """An update changes a few blocks: the new version's copy starts with every other block
-    the old copy held, without a read, and the next boot's device is the new image."""
+def _updated(
+    published: Published, tmp_path: Path, profile: list[int] | None = None
+) -> tuple[Path, bytearray, list[int], set[int]]:
+    """A mirror with v1 and a v2 that changes two of its blocks (v2 with PROFILE, if given)."""
     mirror = tmp_path / "mirror"
     shutil.copytree(published.mirror, mirror)
     idx1 = load_index(mirror)
@@ -276,18 +275,38 @@ def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
         data[b * idx1.block_size + 100] ^= 0xFF
     image2 = tmp_path / "image2.ext4"
     image2.write_bytes(data)
-    publish.publish(image2, mirror, NAME, keys.load_secret_key(published.key))  # v2
-    srv = nginx(mirror)
-    cache = own_fs(rig, "cache", 256)
+    prof = None
+    if profile is not None:
+        prof = tmp_path / "profile"
+        prof.write_bytes(profilemod.encode(profile))
+    publish.publish(image2, mirror, NAME, keys.load_secret_key(published.key), profile_file=prof)  # v2
+    return mirror, data, full, changed
 
-    m = rig.mount([srv.url], cache, "--version", "1", "--prefetch", "off", "--local-copy", pub=published.pub)
+
+def _boot_v1_whole(published: Published, rig: Rig, url: str, cache: Path, mirror: Path) -> tuple[Path, Path]:
+    """Read all of v1 through a mount with the local copy, until its copy holds every block."""
+    idx1 = load_index(mirror)
+    full = {b for b in range(idx1.nblocks) if not idx1.is_hole(b)}
+    m = rig.mount([url], cache, "--version", "1", "--prefetch", "off", "--local-copy", pub=published.pub)
     img1, map1 = localcopy.paths(cache, NAME, index_digest(mirror, 1))
     assert direct_sha256(m.disk) == published.image_sha
     deadline = time.monotonic() + 30
-    while localcopy.usable(img1, map1, idx1) != set(full) and time.monotonic() < deadline:
+    while localcopy.usable(img1, map1, idx1) != full and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert localcopy.usable(img1, map1, idx1) == set(full)
+    assert localcopy.usable(img1, map1, idx1) == full
     clean_umount(m)
+    return img1, map1
+
+
+def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig, tmp_path: Path
+) -> None:
+    """An update changes a few blocks: the new version's copy starts with every other block
+    the old copy held, without a read, and the next boot's device is the new image."""
+    mirror, data, full, changed = _updated(published, tmp_path)
+    srv = nginx(mirror)
+    cache = own_fs(rig, "cache", 256)
+    img1, map1 = _boot_v1_whole(published, rig, srv.url, cache, mirror)
 
     m = rig.mount([srv.url], cache, "--prefetch", "off", "--local-copy", pub=published.pub)
     assert m.status()["version"] == 2
@@ -298,14 +317,11 @@ def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
     while localcopy.usable(img2, map2, idx2) != want and time.monotonic() < deadline:
         time.sleep(0.2)
     assert localcopy.usable(img2, map2, idx2) == want, copy_status(m)
-    # each block written once: carried, unless a read through the daemon copied it first
-    # (the mount's first reads: counted as from the cache or the network)
-    counters = m.status()["counters"]
-    through_daemon = counters["from_cache"] + counters["fetched"]
-    while (cp := copy_status(m))["carried"] != len(want) - through_daemon and time.monotonic() < deadline:
+    # each block written once, all carried: a read through the daemon (the mount's own first
+    # reads) leaves a block the copy carries to it
+    while (cp := copy_status(m))["carried"] != len(want) and time.monotonic() < deadline:
         time.sleep(0.1)  # the count follows the map's entries
-    assert cp["written"] == len(want) and cp["carried"] == len(want) - through_daemon, (cp, counters)
-    assert through_daemon <= 2
+    assert cp["written"] == cp["carried"] == len(want), cp
     assert not img1.exists() and not map1.exists(), "the old version's copy stays on the disk"
     clean_umount(m)
 
@@ -316,3 +332,44 @@ def test_a_new_version_takes_over_the_old_copys_unchanged_blocks(
         lo, hi = first * idx2.block_size, min((first + count) * idx2.block_size, idx2.image_size)
         out += copy[lo:hi] if local else image[lo:hi]
     assert out == image
+
+
+def test_an_updates_first_boot_waits_for_the_carried_blocks_and_fetches_only_the_changed(
+    published: Published, nginx: Callable[..., Nginx], rig: Rig, tmp_path: Path
+) -> None:
+    """The first boot of an update with a boot profile: when the root stage's wait ends, the
+    new copy holds the profile's blocks and the old copy's unchanged ones, and of the profile
+    only the changed blocks went through the daemon (no block verified and decompressed again
+    that the disk already held)."""
+    idx1 = load_index(published.mirror)
+    full = [b for b in range(idx1.nblocks) if not idx1.is_hole(b)]
+    changed_guess = {full[len(full) // 3], full[2 * len(full) // 3]}
+    order = sorted(set(full[::4][:30]) | changed_guess)
+    mirror, data, full, changed = _updated(published, tmp_path, profile=order)
+    assert changed == changed_guess
+    srv = nginx(mirror)
+    cache = own_fs(rig, "cache", 256)
+    img1, _ = _boot_v1_whole(published, rig, srv.url, cache, mirror)
+
+    m = rig.mount([srv.url], cache, "--prefetch", "profile", "--local-copy", pub=published.pub)
+    said: list[str] = []
+    note = wait_for_copy(m.mountpoint / "progress.json", said.append)
+    want = set(full) - changed
+    idx2 = load_index(mirror, 2)
+    img2, map2 = localcopy.paths(cache, NAME, index_digest(mirror, 2))
+    copied = localcopy.usable(img2, map2, idx2)
+    counters, cp = m.status()["counters"], copy_status(m)
+    assert want | changed <= copied, (note, cp)
+    assert "blocks carried over from the last version's copy: waited" in note, note
+    assert note.startswith(f" (the profile's {len(order)} blocks copied first and "), note
+    # the changed blocks and at most the mount's own first read, nothing the copy carried
+    through_daemon = counters["from_cache"] + counters["fetched"]
+    assert len(changed) <= through_daemon <= len(changed) + 2, counters
+    assert cp["carried"] >= len(want) - 2 and not cp["carry"], cp
+    assert not img1.exists()
+    copy = img2.read_bytes()
+    bs = idx2.block_size
+    assert all(
+        copy[b * bs : b * bs + idx2.plain_len(b)] == data[b * bs : b * bs + idx2.plain_len(b)] for b in copied
+    )
+    clean_umount(m)

@@ -36,7 +36,8 @@ _LOOP_INFO64 = "<5Q4I64s64s32s2Q"
 _LOOP_CONFIG = "<II" + _LOOP_INFO64[1:] + "8Q"
 DEFAULT_INIT = "/sbin/init"
 OVERLAY_TMPFS_SIZE = "50%"
-# The root stage stops waiting for the boot profile's prefetch after this long without progress
+# The root stage stops waiting for the boot profile's prefetch and the carried blocks after
+# this long without progress
 PROFILE_STALL = 10.0
 PROFILE_REPORT = 5.0  # a console line this often while it waits
 
@@ -134,35 +135,48 @@ def has_init(newroot: Path, init: str) -> bool:
     return False
 
 
-def wait_for_profile_copy(status_path: Path, say: Callable[[str], None] = log.info) -> str:
-    """While the block daemon prefetches the boot profile into the local copy, wait for it
-    (the boot then reads those blocks without the daemon: each read through it costs ~2 ms of
-    CPU under emulation, and the whole profile's transfer is the same either way), as long as
-    it makes progress, saying how far it got every PROFILE_REPORT seconds. Returns a note for
-    the root line."""
+def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> str:
+    """While the block daemon prefetches the boot profile into the local copy, and while the
+    copy carries over the last version's unchanged blocks, wait for them (the boot then reads
+    those blocks without the daemon: each read through it costs ~2 ms of CPU under emulation,
+    and the whole profile's transfer is the same either way), as long as it makes progress,
+    saying how far it got every PROFILE_REPORT seconds. Returns a note for the root line."""
     t0 = last = reported = time.monotonic()
     seen: tuple[object, ...] = ()
+    carry_total = 0
     while True:
         try:
             st = json.loads(status_path.read_bytes())
         except (OSError, ValueError) as e:
-            log.warning("local copy: cannot read %s: %s; not waiting for the profile", status_path, e)
+            log.warning("local copy: cannot read %s: %s; not waiting for it", status_path, e)
             return ""
         pf, cp = st.get("prefetch") or {}, st.get("copy") or {}
-        if pf.get("what") != "profile" or not pf.get("total") or not cp or cp.get("stopped"):
+        if not cp or cp.get("stopped"):
+            return ""
+        profile = pf.get("what") == "profile" and bool(pf.get("total"))
+        # a paused copy (its file system too full) carries nothing more
+        carry = int(cp.get("carry") or 0) if cp.get("room", True) else 0
+        carry_total = max(carry_total, carry + int(cp.get("carried") or 0))
+        if not profile and not carry_total:
             return ""
         now = time.monotonic()
-        if pf.get("complete") and not cp.get("queued"):
-            return f" (the profile's {pf['total']} blocks copied first: waited {now - t0:.1f}s)"
+        if (not profile or pf.get("complete")) and not cp.get("queued") and not carry:
+            done = [f"the profile's {pf['total']} blocks copied first"] if profile else []
+            if carry_total:
+                done.append(f"{cp.get('carried')} blocks carried over from the last version's copy")
+            return f" ({' and '.join(done)}: waited {now - t0:.1f}s)"
         if now - reported >= PROFILE_REPORT:
             reported = now
-            say(f"root: copying the boot profile: {pf.get('done')} of {pf['total']} blocks, {now - t0:.0f}s")
+            what = [f"the boot profile: {pf.get('done')} of {pf['total']} blocks"] if profile else []
+            if carry_total:
+                what.append(f"the last version's: {cp.get('carried')} of {carry_total} blocks")
+            say(f"root: copying {', '.join(what)}, {now - t0:.0f}s")
         progress = (pf.get("done"), cp.get("written"))
         if progress != seen:
             seen, last = progress, now
         elif now - last > PROFILE_STALL:
-            log.warning("local copy: the profile's prefetch made no progress for %.0f s", PROFILE_STALL)
-            return f" (stopped waiting for the profile's blocks after {now - t0:.1f}s: no progress)"
+            log.warning("local copy: no progress for %.0f s", PROFILE_STALL)
+            return f" (stopped waiting for the local copy after {now - t0:.1f}s: no progress)"
         time.sleep(0.2)
 
 
@@ -180,7 +194,7 @@ def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
     if verity.unavailable(rel.meta.verity, fuse_dev):
         return fuse_dev, ""  # never bytes that bypass the daemon without dm-verity over them
     index = rel.index
-    profile = wait_for_profile_copy(ctx.paths.mountpoint / "progress.json", ctx.console.note)
+    profile = wait_for_copy(ctx.paths.mountpoint / "progress.json", ctx.console.note)
     img, map_path = localcopy.paths(ctx.paths.cache, rel.meta.name, rel.meta.index)
     copied = localcopy.usable(img, map_path, index)
     if not copied:
