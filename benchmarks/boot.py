@@ -72,6 +72,7 @@ def configs(rtt: float) -> list[Config]:
         Config("c", "seedboot, no profile", "seedboot", rtt, mode="noprofile"),
         Config("d", "seedboot, profile", "seedboot", rtt, mode="profile"),
         Config("f", "seedboot, 2nd boot from cache, no network", "seedboot", None, mode="offline"),
+        Config("u", "seedboot, an update's 1st boot, profile", "seedboot", rtt, mode="update"),
         Config("e1", "QEMU curl, default readahead", "qemu-curl", 0.0),
         Config("e2", "QEMU curl, readahead 4M", "qemu-curl", 0.0, readahead=4 * MIB),
         Config("e3", "nbdkit curl+readahead+cache", "nbdkit", 0.0),
@@ -135,6 +136,7 @@ class Bench:
         for name, target in (
             ("disk.img", self.work.image),
             ("mirror", seedboot_runs.mirror_dir(workload.BUILD)),
+            ("mirror-update", seedboot_runs.mirror_dir(workload.BUILD).parent / "update" / "mirror"),
         ):
             link = self.www / name
             link.unlink(missing_ok=True)
@@ -168,6 +170,8 @@ class Bench:
             return self._result(self.boot(cfg, i, self.work.initrd, "", drive), None)
         if cfg.kind == "seedboot" and cfg.mode == "offline":
             return self._seedboot_offline(cfg, i)
+        if cfg.kind == "seedboot" and cfg.mode == "update" and self.filled_cache is None:
+            return Run(None, error="no cache disk left by a (d) boot")
         with LatencyProxy(upstream=("127.0.0.1", self.nginx.port), rtt=cfg.rtt or 0.0, trace=True) as proxy:
             if cfg.kind == "qemu-curl":
                 drive = peers.qemu_curl_drive(f"{proxy.url}/disk.img", cfg.readahead)
@@ -182,9 +186,14 @@ class Bench:
 
     def _seedboot_online(self, cfg: Config, i: int, proxy: LatencyProxy) -> Run:
         assert self.seed is not None
-        cache = seedboot_runs.cache_disk(self.out / "cache" / f"{cfg.key}.img")
+        # (u): the update's first boot, from what (d) left on its cache disk
+        update = cfg.mode == "update"
+        cache = seedboot_runs.cache_disk(
+            self.out / "cache" / f"{cfg.key}.img", copy_of=self.filled_cache if update else None
+        )
         flags = ["seed.prefetch=off"] if cfg.mode == "noprofile" else ["seed.prefetch=profile"]
-        append = self.seed.append(f"http://10.0.2.2:{proxy.port}/mirror", *flags)
+        mirror = "mirror-update" if update else "mirror"
+        append = self.seed.append(f"http://10.0.2.2:{proxy.port}/{mirror}", *flags)
         extra = vm.NIC + seedboot_runs.cache_drive(cache)
         keep = cfg.key == "d"
         proxy.reset_counters()
@@ -369,6 +378,10 @@ def goal_lines(rows: list[Row]) -> list[str]:
                 (run.wire_bytes / a.read_bytes, min(wire) / a.read_bytes),
                 1.0,
             )
+    update = ratio("u", "d")
+    if update is not None:  # not one of issue 7's: what an update's first boot costs against (d)
+        name = "an update's first boot (u)/(d), no goal"
+        lines.append(f"  {name:44} {update[0]:5.2f} [{update[1]:5.2f}]")
     return ["", "Goals (issue 7): median [minimum]", *lines] if lines else []
 
 
@@ -462,16 +475,20 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     say("seedboot: publishing the image and building the miniroot")
                     bench.seed = seedboot_runs.prepare(work, workload.BUILD, args.block_size)
-                    if any(r.config.mode == "profile" for r in seed_rows):
+                    if any(r.config.mode in ("profile", "update") for r in seed_rows):
                         say("seedboot: recording a boot profile")
                         bench.record_profile()
+                    if any(r.config.mode == "update" for r in seed_rows):
+                        say("seedboot: publishing an update (u): systemd and libc rewritten")
+                        seedboot_runs.update_mirror(bench.seed, work.image)
                 except (RuntimeError, OSError) as e:
                     why = str(e)
             for r in seed_rows:
                 if why:
                     r.skipped = why
-            if "f" in {r.config.key for r in seed_rows} and "d" not in {r.config.key for r in seed_rows}:
-                next(r for r in rows if r.config.key == "f").skipped = "needs (d) in the same run"
+            for key in ("f", "u"):
+                if key in {r.config.key for r in seed_rows} and "d" not in {r.config.key for r in seed_rows}:
+                    next(r for r in rows if r.config.key == key).skipped = "needs (d) in the same run"
         todo = [r for r in rows if not r.skipped]
         for i in range(runs):
             for row in todo:

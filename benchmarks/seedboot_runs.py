@@ -129,6 +129,52 @@ def prepare(work: Workload, build: Path, block_size: str = "") -> Setup:
     return Setup(mirror=mirror, initrd=initrd, pubkey=pub, key=key, workdir=d, block_size=block_size)
 
 
+# The update (u) boots: a systemd and libc upgrade, its files rewritten as dpkg does (a new file
+# renamed over the old one), so their data lands in other blocks, and os-release edited.
+UPDATED_FILES = (
+    "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so",
+    "usr/lib/x86_64-linux-gnu/systemd/libsystemd-core-252.so",
+    "usr/lib/systemd/systemd",
+    "usr/bin/udevadm",
+)
+
+
+def update_mirror(setup: Setup, image: Path) -> Path:
+    """A mirror with everything in setup.mirror and, as its newest version, IMAGE with the
+    update above applied, published with the same boot profile (once per publish or profile)."""
+    d = setup.workdir / "update"
+    mirror, stamp = d / "mirror", d / "published"
+    profile = setup.workdir / "boot.profile"
+    if _newer(stamp, setup.workdir / "published", profile):
+        return mirror
+    log.info("publishing the update (u) boots: %s", ", ".join(UPDATED_FILES))
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    updated, mnt = d / "disk.img", d / "mnt"
+    subprocess.run(["cp", "--sparse=always", str(image), str(updated)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(updated), str(mnt)], check=True)
+    try:
+        for rel in UPDATED_FILES:
+            old = mnt / rel
+            new = old.with_name(old.name + ".dpkg-new")
+            shutil.copy2(old, new)
+            os.replace(new, old)
+        release = mnt / "usr/lib/os-release"
+        release.write_text(release.read_text() + "SEEDBOOT_BENCH_UPDATE=1\n")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    # publishing writes every file anew (write, then rename): the links leave setup.mirror as it is
+    shutil.copytree(setup.mirror, mirror, copy_function=os.link)
+    sized = ["--block-size", setup.block_size] if setup.block_size else []
+    seedboot("publish", str(updated), "--mirror", str(mirror), "--name", NAME, "--key", str(setup.key),
+             "--profile", str(profile), *sized)  # fmt: skip
+    updated.unlink()
+    stamp.write_text("1\n")
+    return mirror
+
+
 def cache_disk(path: Path, copy_of: Path | None = None) -> Path:
     """An empty ext4 cache disk labelled KNXBLOCK, or a sparse copy of a filled one."""
     path.parent.mkdir(parents=True, exist_ok=True)
