@@ -199,6 +199,9 @@ class BlockDevice:
         self.ahead_pool = Workers(io_threads, "cache-ahead")
         slots = max(MIN_PENDING_WRITES, min(MAX_PENDING_WRITES, PENDING_WRITE_BYTES // index.block_size))
         self.writer = BatchWriter(cache, slots, self._written)
+        # the profile's prefetch fills the local copy too: the next boot maps those blocks from
+        # there, so their cache writes wait until the machine idles (cache.BatchWriter ``later``)
+        self.defer_prefetched = False
         self.zero = bytes(index.block_size)
         self.started = time.monotonic()
         cache.pinned = self._pinned
@@ -336,7 +339,7 @@ class BlockDevice:
             # the reader has its block before this thread waits for a write slot: only
             # fetching (this verify thread) waits for the disk's fsyncs, not reads
             self._deliver(d, plain, "")
-            self.writer.put(d, stored)
+            self.writer.put(d, stored, later=self.defer_prefetched and kind == PREFETCH)
 
         with self.lock:
             keep = self.pending[d].keep

@@ -49,6 +49,24 @@ FREEZE_WAIT = 30.0  # seconds freeze() waits for the writes under way (a batch a
 # sync at all): each one also flushes the local copy's pages and commits the journal.
 SYNC_INTERVAL = 0.5
 BURST_GAP = 0.1
+# Blocks put ``later`` (the boot profile's, which the local copy holds for the next boot) wait,
+# up to LATER_MAX bytes, until the machine idles: a poll every IDLE_POLL seconds finds the CPU
+# idle at least IDLE_SHARE of the time since the last (/proc/stat). Under emulation the boot
+# is CPU-bound, and their writes took ~0.5 s of it before the root was up.
+LATER_MAX = 32 * 2**20
+IDLE_POLL = 0.5
+IDLE_SHARE = 0.5
+PROC_STAT = "/proc/stat"
+
+
+def cpu_idle_ticks() -> tuple[int, int]:
+    """(idle and iowait, all) clock ticks of every CPU since boot; (0, 0) if unreadable."""
+    try:
+        with open(PROC_STAT, "rb") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[3:5]), sum(fields[:8])
 
 
 @dataclass
@@ -340,37 +358,57 @@ class BatchWriter:
     without a block, or until it holds half the slots. ``put`` waits while ``slots`` blocks
     are queued (this bounds the memory a fast mirror and a slow disk can pile up); ``done``
     gets each batch's digests once they are in the cache (or failed to be: the cache logged
-    why)."""
+    why). A block put ``later`` waits (in memory, up to LATER_MAX bytes) until the machine
+    idles, or until ``drain`` or ``close``: the shutdown writes it."""
 
-    def __init__(self, cache: BlockCache, slots: int, done: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self,
+        cache: BlockCache,
+        slots: int,
+        done: Callable[[list[str]], None],
+        idle: Callable[[], tuple[int, int]] = cpu_idle_ticks,
+    ) -> None:
         self.cache = cache
         self.slots = threading.BoundedSemaphore(slots)
         self.max_batch = max(1, slots // 2)
         self.done = done
+        self.idle = idle
         self.queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.queued_bytes = 0
         self.unwritten = 0  # blocks put and not yet through their batch's write
-        self.idle = threading.Condition(self.lock)
+        self.later: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.later_bytes = 0
+        self.flush = False  # drain or close: the later blocks go now
+        self.written_later = 0
+        self.all_written = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self._run, name="cache-write", daemon=True)
         self.thread.start()
 
-    def put(self, digest: str, stored: bytes) -> None:
-        self.slots.acquire()
+    def put(self, digest: str, stored: bytes, later: bool = False) -> None:
         with self.lock:
+            later = later and not self.flush and self.later_bytes + len(stored) <= LATER_MAX
             self.queued_bytes += len(stored)
             self.unwritten += 1
+            if later:
+                self.later.append((digest, stored))
+                self.later_bytes += len(stored)
+                return
+        self.slots.acquire()
         self.queue.put((digest, stored))
 
     def close(self) -> None:
         """Write what is queued, then stop."""
+        with self.lock:
+            self.flush = True
         self.queue.put(None)
         self.thread.join()
 
     def drain(self, timeout: float) -> bool:
         """Wait until every block put so far is written (or failed to be); False on timeout."""
-        with self.idle:
-            return self.idle.wait_for(lambda: self.unwritten == 0, timeout)
+        with self.all_written:
+            self.flush = True
+            return self.all_written.wait_for(lambda: self.unwritten == 0, timeout)
 
     def _run(self) -> None:
         # Not niced (as the local copy's writer is): the machine may be powered off right
@@ -378,8 +416,19 @@ class BatchWriter:
         # busy CPU-bound guest a nice 10 writer left a batch unwritten for seconds. Batched,
         # the writes cost little.
         last = time.monotonic() - SYNC_INTERVAL
+        ticks = self.idle()
         while True:
-            item = self.queue.get()
+            try:
+                if self.later and self.flush:
+                    item = self.queue.get_nowait()
+                else:  # a poll, even with none waiting: ``put`` does not wake this thread for them
+                    item = self.queue.get(timeout=IDLE_POLL)
+            except queue.Empty:
+                idle, ticks = ticks, self.idle()
+                busy = ticks[1] - idle[1]
+                if self.flush or (busy > 0 and (ticks[0] - idle[0]) >= IDLE_SHARE * busy):
+                    self._write_later()
+                continue
             batch: list[tuple[str, bytes]] = []
             while item is not None:
                 batch.append(item)
@@ -394,9 +443,20 @@ class BatchWriter:
                 last = time.monotonic()
                 self._write(batch)
             if item is None:
+                while self.later:
+                    self._write_later()
                 return
 
-    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+    def _write_later(self) -> None:
+        """One batch of the blocks put ``later``."""
+        with self.lock:
+            batch = [self.later.popleft() for _ in range(min(self.max_batch, len(self.later)))]
+            self.later_bytes -= sum(len(v) for _, v in batch)
+        if batch:
+            self.written_later += len(batch)
+            self._write(batch, slotted=False)
+
+    def _write(self, batch: list[tuple[str, bytes]], slotted: bool = True) -> None:
         with self.lock:  # in files from here on, which statvfs counts
             self.queued_bytes -= sum(len(v) for _, v in batch)
         try:
@@ -405,8 +465,9 @@ class BatchWriter:
             log.exception("cache: writing %d blocks failed", len(batch))
         finally:
             self.done([d for d, _ in batch])
-            for _ in batch:
-                self.slots.release()
-            with self.idle:
+            if slotted:
+                for _ in batch:
+                    self.slots.release()
+            with self.all_written:
                 self.unwritten -= len(batch)
-                self.idle.notify_all()
+                self.all_written.notify_all()

@@ -299,6 +299,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         order = load_profile(rel, opts.cache, mirrors)
         if order:
             prefetcher = Prefetcher(dev, order, opts.conns, "profile", copy=copy)
+            dev.defer_prefetched = copy is not None
     t0 = time.time()
     cpu_ready = 0.0  # set once it serves
     quiesced = Quiesced()

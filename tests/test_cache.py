@@ -4,10 +4,13 @@ after a crash mid-write."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from seedboot.agent import cache as cache_mod
 from seedboot.agent import layout
@@ -143,3 +146,70 @@ def test_batch_writer_writes_a_half_full_queue_at_once(tmp_path: Path) -> None:
     writer.close()
     assert sum(sizes) == 100 and max(sizes) <= 4, sizes
     assert all(cache.has(d) for d, _ in burst)
+
+
+def test_batch_writer_keeps_later_blocks_until_the_machine_idles_or_drains(tmp_path: Path) -> None:
+    """The boot profile's blocks (put ``later``) wait while the CPU is busy, and reach the
+    cache once it idles, or when the shutdown drains the writer; other blocks go at once."""
+    ticks = itertools.count(100)
+    busy = True
+
+    def probe() -> tuple[int, int]:  # (idle, all) ticks: busy adds none to idle
+        t = next(ticks) * 100
+        return (0 if busy else t, t)
+
+    cache = BlockCache(tmp_path)
+    written: list[str] = []
+    writer = cache_mod.BatchWriter(cache, 8, written.extend, idle=probe)
+    later = [block(i, 4096) for i in range(20)]
+    now = [block(100 + i, 4096) for i in range(3)]
+    for d, data in later:
+        writer.put(d, data, later=True)
+    for d, data in now:
+        writer.put(d, data)
+    assert writer.queued_bytes == 23 * 4096
+    time.sleep(3 * cache_mod.IDLE_POLL)
+    assert sorted(written) == sorted(d for d, _ in now), "busy: only the blocks put at once"
+    assert not any(cache.has(d) for d, _ in later)
+    busy = False
+    deadline = time.monotonic() + 20 * cache_mod.IDLE_POLL
+    while len(written) < 23 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(cache.path(d).read_bytes() == data for d, data in later), "idle: written"
+    assert writer.queued_bytes == 0 and writer.written_later == 20
+
+    busy = True
+    more = [block(200 + i, 4096) for i in range(10)]
+    for d, data in more:
+        writer.put(d, data, later=True)
+    assert writer.drain(10), "the shutdown's drain writes them though the machine is busy"
+    assert all(cache.has(d) for d, _ in more)
+    writer.put(*block(300), later=True)  # after a drain nothing waits
+    deadline = time.monotonic() + 5
+    while not cache.has(block(300)[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.has(block(300)[0])
+    writer.close()
+    idle, total = cache_mod.cpu_idle_ticks()
+    assert 0 < idle < total, "this machine's /proc/stat"
+
+
+def test_batch_writer_writes_later_blocks_at_once_beyond_its_memory_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond LATER_MAX bytes waiting, a block put ``later`` is written like any other, and
+    ``close`` writes the waiting ones."""
+    monkeypatch.setattr(cache_mod, "LATER_MAX", 5 * 4096)
+    cache = BlockCache(tmp_path)
+    written: list[str] = []
+    writer = cache_mod.BatchWriter(cache, 8, written.extend, idle=lambda: (0, time.monotonic_ns()))
+    blocks = [block(i, 4096) for i in range(8)]
+    for d, data in blocks:
+        writer.put(d, data, later=True)
+    deadline = time.monotonic() + 5
+    while len(written) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2 * cache_mod.IDLE_POLL)
+    assert sorted(written) == sorted(d for d, _ in blocks[5:]), "the three over the bound"
+    writer.close()
+    assert all(cache.path(d).read_bytes() == data for d, data in blocks)
