@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 from pathlib import Path
 
 from seedboot.agent import blocks, index
@@ -39,7 +41,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DURATION",
         help="metadata lifetime, e.g. 90d, 12h, 30m (default %(default)s)",
     )
-    p.add_argument("--profile", type=Path, metavar="FILE", help="boot profile to publish with this version")
+    prof = p.add_mutually_exclusive_group()
+    prof.add_argument(
+        "--profile", type=Path, metavar="FILE", help="boot profile to publish with this version"
+    )
+    prof.add_argument(
+        "--carry-profile",
+        action="store_true",
+        help="publish the newest version's boot profile remapped onto IMAGE through its files "
+        "(ext2/3/4: the blocks an update's rewritten files moved to are prefetched, not their old "
+        "places); that version's image is rebuilt from the mirror next to IMAGE meanwhile",
+    )
     p.add_argument(
         "--mirror-url",
         action="append",
@@ -65,6 +77,29 @@ def run(args: argparse.Namespace) -> int:
     block_size = publish.parse_size(args.block_size)
     expires = publish.parse_duration(args.expires)
     key = keys.load_secret_key(args.key)
+    profile = args.profile
+    with contextlib.ExitStack() as stack:
+        if args.carry_profile:
+            from seedboot.tools import profile_remap
+
+            work = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(dir=args.image.parent, prefix=".seedboot-"))
+            )
+            carried = profile_remap.carry(
+                args.mirror, args.name, key.public_key, args.image, block_size, work
+            )
+            profile = carried.path
+            r = carried.remap
+            print(
+                f"profile of version {carried.version} carried over: {len(r.blocks)} blocks, through "
+                f"{r.files} files ({r.moved} moved, {r.gone} gone)"
+            )
+        return _publish(args, key, block_size, expires, profile)
+
+
+def _publish(
+    args: argparse.Namespace, key: keys.SecretKey, block_size: int, expires: int, profile: Path | None
+) -> int:
     bar: Progress | None = None
 
     def progress(done: int, stats: publish.PublishStats) -> None:
@@ -82,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             version=args.version,
             block_size=block_size,
             expires=expires,
-            profile_file=args.profile,
+            profile_file=profile,
             mirror_urls=args.mirror_url,
             level=args.level,
             threads=args.threads or None,
