@@ -130,7 +130,8 @@ def prepare(work: Workload, build: Path, block_size: str = "") -> Setup:
 
 
 # The update (u) boots: a systemd and libc upgrade, its files rewritten as dpkg does (a new file
-# renamed over the old one), so their data lands in other blocks, and os-release edited.
+# renamed over the old one), so their data lands in other blocks, and os-release edited; published
+# with the last version's profile carried over through the files (publish --carry-profile).
 UPDATED_FILES = (
     "usr/lib/x86_64-linux-gnu/libc.so.6",
     "usr/lib/x86_64-linux-gnu/systemd/libsystemd-shared-252.so",
@@ -142,11 +143,12 @@ UPDATED_FILES = (
 
 def update_mirror(setup: Setup, image: Path) -> Path:
     """A mirror with everything in setup.mirror and, as its newest version, IMAGE with the
-    update above applied, published with the same boot profile (once per publish or profile)."""
+    update above applied, its profile carried over from the last version's (once per publish
+    or profile)."""
     d = setup.workdir / "update"
     mirror, stamp = d / "mirror", d / "published"
     profile = setup.workdir / "boot.profile"
-    if _newer(stamp, setup.workdir / "published", profile):
+    if _newer(stamp, setup.workdir / "published", profile) and stamp.read_text() == "carried\n":
         return mirror
     log.info("publishing the update (u) boots: %s", ", ".join(UPDATED_FILES))
     shutil.rmtree(d, ignore_errors=True)
@@ -168,10 +170,11 @@ def update_mirror(setup: Setup, image: Path) -> Path:
     # publishing writes every file anew (write, then rename): the links leave setup.mirror as it is
     shutil.copytree(setup.mirror, mirror, copy_function=os.link)
     sized = ["--block-size", setup.block_size] if setup.block_size else []
-    seedboot("publish", str(updated), "--mirror", str(mirror), "--name", NAME, "--key", str(setup.key),
-             "--profile", str(profile), *sized)  # fmt: skip
+    out = seedboot("publish", str(updated), "--mirror", str(mirror), "--name", NAME, "--key",
+                   str(setup.key), "--carry-profile", *sized)  # fmt: skip
+    log.info("%s", out.strip())
     updated.unlink()
-    stamp.write_text("1\n")
+    stamp.write_text("carried\n")
     return mirror
 
 
@@ -232,16 +235,7 @@ def extract_traces(cache: Path, dest: Path) -> list[Path]:
 def publish_profile(setup: Setup, traces: list[Path], image: Path) -> None:
     """Merge recorded traces into a profile and publish it as the next version."""
     profile = setup.workdir / "boot.profile"
-    from seedboot.tools import cli
-
-    if any(m.endswith(".profile_cmd") for m in cli.COMMAND_MODULES):
-        seedboot("profile", "merge", *map(str, traces), "--out", str(profile))
-    else:
-        # Until `seedboot profile merge` lands: the same merge, through the agent's format module.
-        from seedboot.agent import profile as fmt
-
-        merged = fmt.merge([fmt.parse(t.read_bytes(), what=str(t)) for t in traces])
-        profile.write_bytes(fmt.encode(merged))
+    seedboot("profile", "merge", *map(str, traces), "--out", str(profile))
     seedboot(
         "publish",
         str(image),
