@@ -415,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", type=Path, help="kernel directory (seedboot kernel fetch --out DIR) to reuse")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
+        "--keep-caches",
+        action="store_true",
+        help="keep the seedboot boots' cache disks (OUT/cache/*.img: the daemon's log, the local copy)",
+    )
+    p.add_argument(
         "--block-size",
         default="",
         metavar="SIZE",
@@ -516,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         if written:
             print("\nplots: " + ", ".join(str(w) for w in written))
     print(f"results: {out}")
-    shutil.rmtree(out / "cache", ignore_errors=True)
+    if not args.keep_caches:
+        shutil.rmtree(out / "cache", ignore_errors=True)
     return 0 if all(r.times() or r.skipped for r in rows) else 1
 
 
