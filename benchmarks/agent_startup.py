@@ -133,8 +133,8 @@ def main() -> None:
     print(f"  seedboot: kernel ran /init at               {med('init'):6.2f} ({low('init'):.2f})")
     print(f"            /init -> agent's first line       {med('up-init'):6.2f} ({low('up-init'):.2f})")
     for stage in cmdline.STAGE_NAMES[:-1]:
-        key = "stage:" + stage
-        print(f"            {stage:<9} took                   {med(key):6.2f} ({low(key):.2f})")
+        name = "stage:" + stage
+        print(f"            {stage:<9} took                   {med(name):6.2f} ({low(name):.2f})")
     agent = med("agent")
     print(f"            switch at                         {med('switch'):6.2f} ({low('switch'):.2f})")
     print(

@@ -142,8 +142,8 @@ def main() -> int:
     print(f"\n{'config':<12}" + "".join(f"{k:>24}" for k in base))
     for cfg in configs:
         cells = []
-        for k, v in cfg.samples.items():
-            med = statistics.median(v)
+        for k, samples in cfg.samples.items():
+            med = statistics.median(samples)
             cells.append(f"{med:9.2f} ({med / base[k]:4.2f}x)" if base[k] else f"{med:9.2f}")
         print(f"{cfg.name:<12}" + "".join(f"{c:>24}" for c in cells))
     print(f"\n{args.runs} run(s) each, medians; ratio to the baseline in this process. Logs: {work}")
