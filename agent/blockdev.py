@@ -429,6 +429,7 @@ class BlockDevice:
             "counters": c,
             "pending": pending,
             "writing": writing,  # fetched blocks not yet in the cache (cache.BatchWriter's queue)
+            "writing_later": len(self.writer.later),  # of which waiting for an idle machine
             "memory_blocks": memory,
             "memory_limit": self.memory_limit,
             "throughput_current": self.throughput.current(),

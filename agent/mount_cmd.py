@@ -296,7 +296,8 @@ def format_status(s: dict[str, Any]) -> str:
         if cu["limit"]
         else f"filesystem {cu['fs_used'] * 100 // max(cu['fs_total'], 1)}% used"
     )
-    writing = f", {s['writing']} being written" if s.get("writing") else ""
+    later = f" ({s['writing_later']} once the machine idles)" if s.get("writing_later") else ""
+    writing = f", {s['writing']} being written{later}" if s.get("writing") else ""
     lines.append(
         f"cache     {cu['blocks']} blocks, {_mb(cu['bytes'])} ({limit}), {cu['evicted']} evicted{writing}"
     )

@@ -209,6 +209,9 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     bs = idx.block_size
     assert all(copy[b * bs : (b + 1) * bs] == image[b * bs : (b + 1) * bs] for b in order)
     clean_umount(m)
+    # their cache writes waited for an idle machine (or the unmount): none is lost
+    missing = [b for b in order if not (cache / layout.block_path(idx.digest_hex(b))).is_file()]
+    assert not missing, missing
 
 
 def test_blocks_skipped_while_the_writer_lags_are_copied_once_it_is_idle(
