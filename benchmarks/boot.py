@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-caches",
         action="store_true",
-        help="keep the seedboot boots' cache disks (OUT/cache/*.img: the daemon's log, the local copy)",
+        help="keep the seedboot boots' cache disks (OUT/cache/*.img: the block cache, the local copy)",
     )
     p.add_argument(
         "--block-size",
