@@ -6,6 +6,7 @@ written beside the old one and renamed over it), published into a mirror and rea
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -128,3 +129,29 @@ def test_carrying_a_profile_needs_one_and_an_ext_image(update: tuple[Path, Path,
     assert r.returncode != 0 and "is not an ext2/3/4 file system" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 2, "the error and a hint"
     assert (mirror / "demo" / "latest").read_text().strip() == "1"
+
+
+def test_the_previous_image_given_instead_of_rebuilt(update: tuple[Path, Path, Path, Path]) -> None:
+    """--previous-image: the publisher's own copy of the last version's image is used as it is
+    (the same profile as rebuilding it from the mirror); one of another size is refused."""
+    mirror, key, v2, _ = update
+    other, third = mirror.parent / "mirror-b", mirror.parent / "mirror-c"
+    shutil.copytree(mirror, other)
+    shutil.copytree(mirror, third)
+    common = ["--name", "demo", "--key", key, "--block-size", "64K", "--carry-profile"]
+    r = run_cli("publish", v2, "--mirror", mirror, *common)
+    assert r.returncode == 0, r.stderr
+    short = mirror.parent / "short.img"
+    short.write_bytes((mirror.parent / "v1.ext4").read_bytes()[: 2**20])
+    r = run_cli("publish", v2, "--mirror", other, *common, "--previous-image", short)
+    assert r.returncode != 0 and "short.img is not demo v1's image (1048576 bytes" in r.stderr, r.stderr
+    assert (other / "demo" / "latest").read_text().strip() == "1"
+    r = run_cli("publish", v2, "--mirror", other, "--name", "demo", "--key", key, "--previous-image", short)
+    assert r.returncode != 0 and "--previous-image goes with --carry-profile" in r.stderr, r.stderr
+    r = run_cli("publish", v2, "--mirror", other, *common, "--previous-image", mirror.parent / "v1.ext4")
+    assert r.returncode == 0, r.stderr
+    assert "(1 moved, 1 gone)" in r.stdout, r.stdout
+    assert published_profile(other, 2) == published_profile(mirror, 2)
+    # and it is that file that is followed: v2's own image given as v1's moves nothing
+    r = run_cli("publish", v2, "--mirror", third, *common, "--previous-image", v2)
+    assert r.returncode == 0 and "(0 moved, 0 gone)" in r.stdout, (r.stdout, r.stderr)

@@ -167,9 +167,19 @@ class Carried:
     remap: Remap
 
 
-def carry(mirror: Path, name: str, key: PublicKey, image: Path, block_size: int, workdir: Path) -> Carried:
+def carry(
+    mirror: Path,
+    name: str,
+    key: PublicKey,
+    image: Path,
+    block_size: int,
+    workdir: Path,
+    previous: Path | None = None,
+) -> Carried:
     """The newest published version's profile, remapped onto IMAGE (published next with
-    BLOCK_SIZE): that version's image is rebuilt from MIRROR into WORKDIR, verified on the way."""
+    BLOCK_SIZE): that version's image is PREVIOUS, or else rebuilt from MIRROR into WORKDIR,
+    verified on the way. PREVIOUS is only checked for its size: a wrong one makes a poor
+    prediction, never a wrong byte (blocks are checked against the index when read)."""
     from seedboot.tools import cat, verify
 
     reader, rel, _ = verify.open_checked(str(mirror), name, [key], None)
@@ -182,13 +192,23 @@ def carry(mirror: Path, name: str, key: PublicKey, image: Path, block_size: int,
     if hashlib.sha256(data).hexdigest() != rel.meta.profile:
         raise SeedError(f"{name} v{rel.meta.version}'s profile does not match its signed digest")
     order = profile.parse(data, what=f"{name} v{rel.meta.version}'s profile", nblocks=rel.index.nblocks)
-    old = workdir / f"{name}-v{rel.meta.version}.img"
-    log.info("rebuilding %s v%d from %s to follow its profile's files", name, rel.meta.version, mirror)
-    try:
-        cat.cat_release(str(mirror), name, [key], old, version=rel.meta.version)
-        res = remap(old, image, order, rel.index.block_size, block_size)
-    finally:
-        old.unlink(missing_ok=True)
+    if previous is not None:
+        size = previous.stat().st_size if previous.is_file() else -1
+        if size != rel.index.image_size:
+            raise SeedError(
+                f"{previous} is not {name} v{rel.meta.version}'s image "
+                f"({'no such file' if size < 0 else f'{size} bytes'}, the index says {rel.index.image_size})",
+                "give that version's image, or leave --previous-image out to rebuild it from the mirror",
+            )
+        res = remap(previous, image, order, rel.index.block_size, block_size)
+    else:
+        old = workdir / f"{name}-v{rel.meta.version}.img"
+        log.info("rebuilding %s v%d from %s to follow its profile's files", name, rel.meta.version, mirror)
+        try:
+            cat.cat_release(str(mirror), name, [key], old, version=rel.meta.version)
+            res = remap(old, image, order, rel.index.block_size, block_size)
+        finally:
+            old.unlink(missing_ok=True)
     out = workdir / f"{name}-v{rel.meta.version}-carried.profile"
     out.write_bytes(profile.encode(res.blocks))
     return Carried(out, rel.meta.version, res)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from seedboot.agent import blocks, index
+from seedboot.agent.errors import SeedError
 from seedboot.tools import keys, publish
 from seedboot.tools.progress import Progress
 
@@ -53,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "places); that version's image is rebuilt from the mirror next to IMAGE meanwhile",
     )
     p.add_argument(
+        "--previous-image",
+        type=Path,
+        metavar="FILE",
+        help="with --carry-profile: the newest version's image, if you still have it, instead of "
+        "rebuilding it from the mirror (only its size is checked: a wrong one makes a poor profile)",
+    )
+    p.add_argument(
         "--mirror-url",
         action="append",
         default=[],
@@ -78,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     expires = publish.parse_duration(args.expires)
     key = keys.load_secret_key(args.key)
     profile = args.profile
+    if args.previous_image is not None and not args.carry_profile:
+        raise SeedError("--previous-image goes with --carry-profile", "add --carry-profile, or leave it out")
     with contextlib.ExitStack() as stack:
         if args.carry_profile:
             from seedboot.tools import profile_remap
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 stack.enter_context(tempfile.TemporaryDirectory(dir=args.image.parent, prefix=".seedboot-"))
             )
             carried = profile_remap.carry(
-                args.mirror, args.name, key.public_key, args.image, block_size, work
+                args.mirror, args.name, key.public_key, args.image, block_size, work, args.previous_image
             )
             profile = carried.path
             r = carried.remap
