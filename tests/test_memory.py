@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from seedboot.agent import blocks
-from seedboot.agent.blockdev import MIN_MEMORY_BLOCKS, BlockDevice
+from seedboot.agent.blockdev import DEFER_RSS, MIN_MEMORY_BLOCKS, BlockDevice
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.index import Index
 
@@ -69,5 +69,27 @@ def test_over_the_budget_blocks_are_dropped_oldest_first_down_to_the_floor(tmp_p
         assert len(dev.plain) == MIN_MEMORY_BLOCKS, "never below the floor"
         _read_all(dev, plains)  # dropped blocks read back from the cache, still correct
         assert len(dev.plain) == MIN_MEMORY_BLOCKS
+    finally:
+        dev.close()
+
+
+def test_profile_blocks_wait_for_their_cache_write_only_within_the_budget(tmp_path: Path) -> None:
+    """The profile's blocks may wait in memory for an idle machine (cache.BatchWriter later),
+    but never past DEFER_RSS, counting what waits since the last measurement; a measurement
+    that finds room again lets more wait. Other prefetches never wait."""
+    dev, _ = _device(tmp_path)
+    try:
+        assert DEFER_RSS < 64 * MB, "the daemon's memory target (issue 3)"
+        dev.defer_rss = 100 * MB
+        dev.fit_memory(rss=90 * MB, budget=100 * MB)
+        assert not dev.defer_write(MB), "not the profile's prefetch: written at once"
+        dev.defer_prefetched = True
+        assert [dev.defer_write(3 * MB) for _ in range(4)] == [True, True, True, False]
+        assert not dev.defer_write(2 * MB), "10 MB of room: 9 taken, 1 left"
+        assert dev.defer_write(MB)
+        dev.fit_memory(rss=95 * MB, budget=100 * MB)  # some were written meanwhile
+        assert dev.defer_write(5 * MB) and not dev.defer_write(1)
+        dev.fit_memory(rss=120 * MB, budget=100 * MB)
+        assert not dev.defer_write(1), "over the budget nothing waits"
     finally:
         dev.close()
