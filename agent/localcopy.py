@@ -400,9 +400,7 @@ class LocalCopy:
             off = b * self.index.block_size
             try:
                 buf = self.carry_buf
-                data = (
-                    _read_direct(fd, buf, n, off) if buf and n % DIRECT_ALIGN == 0 else os.pread(fd, n, off)
-                )
+                data = _read_direct(fd, buf, n, off) if buf is not None else os.pread(fd, n, off)
             except OSError as e:
                 log.warning("local copy: taking over stopped: %s", e.strerror)
                 self.carry = []

@@ -146,6 +146,37 @@ def test_whole_blocks_go_direct_and_a_short_last_block_through_the_page_cache(ri
     assert data[2 * bs : 3 * bs] == bytes(bs)
 
 
+def test_a_short_last_block_is_carried_over_like_the_others(rig: Rig) -> None:
+    """The old copy is read with O_DIRECT for the carry; a last block of another length is
+    read up to the alignment and carried too, not refused by the kernel (EINVAL)."""
+    cache = own_fs(rig, "cache", 64)
+    bs = 64 * 1024
+    hole = bytes(32)
+    idx1 = Index(bs, 3 * bs + 1000, [bytes([0]) * 32, bytes([1]) * 32, hole, bytes([3]) * 32], [1, 1, 0, 1])
+    (cache / layout.index_path(NAME, idx1.digest())).parent.mkdir(parents=True, exist_ok=True)
+    (cache / layout.index_path(NAME, idx1.digest())).write_bytes(idx1.encode())
+    blocks = {0: os.urandom(bs), 1: os.urandom(bs), 3: os.urandom(1000)}
+    copy1 = localcopy.LocalCopy(cache, NAME, idx1, idx1.digest())
+    for b, plain in blocks.items():
+        assert copy1.add(b, plain, wait=True)
+    copy1.close()
+    # v2 changes block 1: blocks 0 and 3 (the short one) are carried
+    idx2 = Index(
+        bs, 3 * bs + 1000, [bytes([0]) * 32, b"\xee" * 32, bytes([2]) * 32, bytes([3]) * 32], [1, 1, 0, 1]
+    )
+    copy2 = localcopy.LocalCopy(cache, NAME, idx2, idx2.digest())
+    assert copy2.carry_buf is not None, "ext4 takes direct I/O: the direct read must be the one tested"
+    deadline = time.monotonic() + 10
+    while copy2.status()["carry"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    copy2.close()
+    assert copy2.status()["carried"] == 2 and not copy2.stopped, copy2.status()
+    img, map_path = localcopy.paths(cache, NAME, idx2.digest())
+    assert localcopy.usable(img, map_path, idx2) == {0, 3}
+    data = img.read_bytes()
+    assert data[:bs] == blocks[0] and data[3 * bs :] == blocks[3]
+
+
 def test_copy_pauses_before_the_cache_file_system_runs_short(
     published: Published, nginx: Callable[..., Nginx], rig: Rig
 ) -> None:
