@@ -71,15 +71,16 @@ SYS_BLOCK = "/sys/block"
 MIX_NAME = "seedmix"  # the mixed device the root stage builds (copy + FUSE file)
 
 
-def _open_direct(img: Path, block_size: int) -> tuple[int | None, mmap.mmap | None]:
-    """An O_DIRECT descriptor of the copy and a page-aligned buffer of one block (what direct
-    I/O wants), or (None, None) where the file system has no direct I/O (tmpfs)."""
+def _open_direct(img: Path, block_size: int, mode: int = os.O_WRONLY) -> tuple[int | None, mmap.mmap | None]:
+    """An O_DIRECT descriptor of a copy (MODE: for writing or reading) and a page-aligned
+    buffer of one block (what direct I/O wants), or (None, None) where the file system has no
+    direct I/O (tmpfs)."""
     if block_size % DIRECT_ALIGN:
         return None, None
     try:
-        fd = os.open(img, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        fd = os.open(img, mode | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as e:
-        log.info("local copy %s: no direct I/O (%s); writing through the page cache", img, e.strerror)
+        log.info("local copy %s: no direct I/O (%s); through the page cache", img, e.strerror)
         return None, None
     return fd, mmap.mmap(-1, block_size)
 
@@ -257,12 +258,8 @@ class LocalCopy:
         """The other version's copy, read with O_DIRECT where its blocks allow (``carry_buf``):
         through the page cache, under emulation each 4 KiB page of it cost the kernel a page
         to fill and later to reclaim, for bytes read once."""
-        if self.index.block_size % DIRECT_ALIGN == 0:
-            with contextlib.suppress(OSError):
-                fd = os.open(old, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self.carry_buf = mmap.mmap(-1, self.index.block_size)
-                return fd
-        return os.open(old, os.O_RDONLY | os.O_CLOEXEC)
+        fd, self.carry_buf = _open_direct(old, self.index.block_size, os.O_RDONLY)
+        return os.open(old, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
 
     def will_have(self, b: int) -> bool:
         """Whether block b is in the copy or about to be carried into it."""
