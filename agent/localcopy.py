@@ -190,9 +190,8 @@ class LocalCopy:
         # another version's copy: its blocks this version has unchanged, carried over by the
         # writer before anything but queued blocks (read from this descriptor: its files are
         # removed below); the prefetch leaves them to it (``will_have``)
-        self.carry: list[int] = []  # highest first: pop() takes the lowest
-        self.carry_set: set[int] = set()
-        self.carry_inflight = 0  # popped from ``carry``, being written
+        self.carry: list[int] = []  # not read yet, highest first: pop() takes the lowest
+        self.carry_set: set[int] = set()  # not written yet (those being written included)
         self.carry_fd: int | None = None
         self.carry_buf: mmap.mmap | None = None  # set: carry_fd is O_DIRECT
         self.carried = 0
@@ -316,7 +315,7 @@ class LocalCopy:
             "missed": len(self.missed),
             "backfilled": self.backfilled,
             "carried": self.carried,
-            "carry": len(self.carry) + self.carry_inflight,
+            "carry": len(self.carry_set),
         }
 
     def _run(self) -> None:
@@ -338,12 +337,9 @@ class LocalCopy:
                     self._write_batch(late)
                     if carry:
                         self.carried += self.written - before
+                        self.carry_set.difference_update(b for b, _ in late)
                     else:
                         self.backfilled += self.written - before
-                if carry:
-                    self.carry_inflight = 0
-                    if not self.carry:
-                        self.carry_set = set()
                 if self.stopped:
                     return
                 continue
@@ -392,6 +388,7 @@ class LocalCopy:
         while fd is not None and self.carry and len(batch) < BATCH and not (self.stopped or self.closed):
             b = self.carry.pop()
             if b in self.have:
+                self.carry_set.discard(b)
                 continue
             n = self.index.plain_len(b)
             off = b * self.index.block_size
@@ -404,10 +401,12 @@ class LocalCopy:
                 break
             if data is not None and len(data) == n:
                 batch.append((b, data))
-        self.carry_inflight = len(batch)
+            else:
+                self.carry_set.discard(b)
         if fd is not None and (not self.carry or self.closed):
             os.close(fd)
             self.carry_fd, self.carry = None, []
+            self.carry_set = {b for b, _ in batch}
         return batch
 
     def _write_batch(self, batch: list[tuple[int, bytes]]) -> None:
