@@ -50,8 +50,8 @@ def fs_block_size(image: Path) -> int:
     )
 
 
-def debugfs(image: Path, commands: list[str]) -> list[tuple[str, list[str]]]:
-    """Each command with its output lines (read-only; errors about a missing path are only
+def debugfs(image: Path, commands: list[str]) -> list[list[str]]:
+    """Each command's output lines, in order (read-only; errors about a missing path are only
     on stderr, so such a command has no lines)."""
     if not commands:
         return []
@@ -61,12 +61,12 @@ def debugfs(image: Path, commands: list[str]) -> list[tuple[str, list[str]]]:
         r = subprocess.run(["debugfs", "-f", f.name, str(image)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SeedError(f"debugfs cannot read {image}: {r.stderr.strip()}", "apt-get install e2fsprogs")
-    out: list[tuple[str, list[str]]] = []
+    out: list[list[str]] = []
     for line in r.stdout.splitlines():
-        if line.startswith("debugfs: "):
-            out.append((line[len("debugfs: ") :], []))
+        if line.startswith("debugfs: "):  # the command, echoed before its output
+            out.append([])
         elif out and line.strip():
-            out[-1][1].append(line)
+            out[-1].append(line)
     return out
 
 
@@ -83,7 +83,7 @@ def _owners(image: Path, fs_blocks: list[int]) -> dict[int, int]:
         for i in range(0, len(fs_blocks), ICHECK_CHUNK)
     ]
     owner: dict[int, int] = {}
-    for _, lines in debugfs(image, cmds):
+    for lines in debugfs(image, cmds):
         for line in lines:
             block, _, inode = line.partition("\t")
             if block.isdigit() and inode.isdigit():
@@ -93,9 +93,8 @@ def _owners(image: Path, fs_blocks: list[int]) -> dict[int, int]:
 
 def _block_lists(image: Path, names: list[str]) -> list[list[int] | None]:
     """The blocks of each file (by ``<inode>`` or quoted path), in file order; None if absent."""
-    res = debugfs(image, [f"blocks {n}" for n in names])
     lists: list[list[int] | None] = []
-    for _, lines in res:
+    for lines in debugfs(image, [f"blocks {n}" for n in names]):
         nums = [int(x) for line in lines for x in line.split() if x.isdigit()]
         lists.append(nums or None)
     return lists
@@ -103,7 +102,7 @@ def _block_lists(image: Path, names: list[str]) -> list[list[int] | None]:
 
 def _paths(image: Path, inodes: list[int]) -> dict[int, str]:
     paths: dict[int, str] = {}
-    for _, lines in debugfs(image, ["ncheck " + " ".join(map(str, inodes))]):
+    for lines in debugfs(image, ["ncheck " + " ".join(map(str, inodes))]):
         for line in lines:
             ino, _, path = line.partition("\t")
             if ino.isdigit() and path and int(ino) not in paths:
