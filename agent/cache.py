@@ -416,7 +416,7 @@ class BatchWriter:
         # busy CPU-bound guest a nice 10 writer left a batch unwritten for seconds. Batched,
         # the writes cost little.
         last = time.monotonic() - SYNC_INTERVAL
-        ticks = self.idle()
+        ticks: tuple[int, int] | None = None  # /proc/stat at the last poll, while blocks wait
         while True:
             try:
                 if self.later and self.flush:
@@ -424,10 +424,17 @@ class BatchWriter:
                 else:  # a poll, even with none waiting: ``put`` does not wake this thread for them
                     item = self.queue.get(timeout=IDLE_POLL)
             except queue.Empty:
-                idle, ticks = ticks, self.idle()
-                busy = ticks[1] - idle[1]
-                if self.flush or (busy > 0 and (ticks[0] - idle[0]) >= IDLE_SHARE * busy):
+                if not self.later:
+                    ticks = None  # nothing to measure for
+                elif self.flush:
                     self._write_later()
+                elif ticks is None:
+                    ticks = self.idle()  # the first poll with blocks waiting starts the window
+                else:
+                    idle, ticks = ticks, self.idle()
+                    busy = ticks[1] - idle[1]
+                    if busy > 0 and ticks[0] - idle[0] >= IDLE_SHARE * busy:
+                        self._write_later()
                 continue
             batch: list[tuple[str, bytes]] = []
             while item is not None:
