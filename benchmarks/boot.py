@@ -431,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         help="time each boot by the guest's instruction-counted clock (QEMU -icount): reproducible on a "
         "busy host, for comparing changes; the stage split stays on the host's clock",
     )
+    p.add_argument(
+        "--append",
+        default="",
+        metavar="ARGS",
+        help="more kernel command line for every boot, e.g. systemd.show_status=1 to see where the OS's "
+        "time goes (it changes what is measured: compare runs made with the same ARGS)",
+    )
     p.add_argument("--table", type=Path, metavar="DIR", help="print and plot a finished run's results again")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -468,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     say = progress_printer()
     say("workload: building or reusing " + ("the smoke image" if args.smoke else "Debian 12 minbase, 1 GiB"))
     work = workload.prepare(smoke=args.smoke, kernel_dir=args.kernel)
+    vm.EXTRA_APPEND = args.append
     bench = Bench(work, out, args.timeout, args.icount)
     if args.icount:
         (out / ICOUNT_STAMP).write_text(" ".join(vm.ICOUNT) + "\n")

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = 1024
 BASE_APPEND = "console=ttyS0 panic=-1 quiet"
+# more kernel command line for every boot of a run (boot.py --append), for diagnosis
+EXTRA_APPEND = ""
 # Every guest has this NIC (issue 7: the same QEMU settings), also the local disk's and the
 # peers', which do not use it: a Debian guest's udev and drivers spend ~0.35 s of guest time on
 # it (configuration a0 against a, -icount). Only (f), the boot with the network gone, and a0
@@ -127,7 +129,7 @@ def boot(
         "-initrd",
         str(initrd),
         "-append",
-        f"{BASE_APPEND} {append}".strip(),
+        f"{BASE_APPEND} {append} {EXTRA_APPEND}".strip(),
         *extra,
     ]
     log.info("$ %s", " ".join(cmd))
