@@ -57,6 +57,9 @@ LATER_MAX = 32 * 2**20
 IDLE_POLL = 0.5
 IDLE_SHARE = 0.5
 PROC_STAT = "/proc/stat"
+# Put in the writer's queue to wake it without a block: the first block put ``later`` (the
+# writer then polls for idle time) and a drain (the waiting blocks go now).
+_WAKE: tuple[str, bytes] = ("", b"")
 
 
 def cpu_idle_ticks() -> tuple[int, int]:
@@ -386,6 +389,7 @@ class BatchWriter:
         self.thread.start()
 
     def put(self, digest: str, stored: bytes, later: bool = False) -> None:
+        first = False
         with self.lock:
             later = later and not self.flush and self.later_bytes + len(stored) <= LATER_MAX
             self.queued_bytes += len(stored)
@@ -393,7 +397,11 @@ class BatchWriter:
             if later:
                 self.later.append((digest, stored))
                 self.later_bytes += len(stored)
-                return
+                first = len(self.later) == 1
+        if later:
+            if first:
+                self.queue.put(_WAKE)  # the writer sleeps while nothing waits: it polls from now on
+            return
         self.slots.acquire()
         self.queue.put((digest, stored))
 
@@ -408,6 +416,8 @@ class BatchWriter:
         """Wait until every block put so far is written (or failed to be); False on timeout."""
         with self.all_written:
             self.flush = True
+        self.queue.put(_WAKE)  # the waiting blocks go now, not at the next poll
+        with self.all_written:
             return self.all_written.wait_for(lambda: self.unwritten == 0, timeout)
 
     def _run(self) -> None:
@@ -421,11 +431,14 @@ class BatchWriter:
             try:
                 if self.later and self.flush:
                     item = self.queue.get_nowait()
-                else:  # a poll, even with none waiting: ``put`` does not wake this thread for them
+                elif self.later:  # a poll for idle time
                     item = self.queue.get(timeout=IDLE_POLL)
+                else:  # nothing waits for idle time: sleep until a block, a wake or close
+                    ticks = None  # the next blocks put later start a new window
+                    item = self.queue.get()
             except queue.Empty:
                 if not self.later:
-                    ticks = None  # nothing to measure for
+                    ticks = None
                 elif self.flush:
                     self._write_later()
                 elif ticks is None:
@@ -436,11 +449,14 @@ class BatchWriter:
                     if busy > 0 and ticks[0] - idle[0] >= IDLE_SHARE * busy:
                         self._write_later()
                 continue
+            if item is _WAKE:
+                continue
             batch: list[tuple[str, bytes]] = []
             while item is not None:
-                batch.append(item)
-                if len(batch) >= self.max_batch:
-                    break  # blocks come faster than the interval: no put may wait for it
+                if item is not _WAKE:
+                    batch.append(item)
+                    if len(batch) >= self.max_batch:
+                        break  # blocks come faster than the interval: no put may wait for it
                 wait = min(last + SYNC_INTERVAL - time.monotonic(), BURST_GAP)
                 try:
                     item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()

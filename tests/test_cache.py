@@ -213,3 +213,38 @@ def test_batch_writer_writes_later_blocks_at_once_beyond_its_memory_bound(
     assert sorted(written) == sorted(d for d, _ in blocks[5:]), "the three over the bound"
     writer.close()
     assert all(cache.path(d).read_bytes() == data for d, data in blocks)
+
+
+def test_batch_writer_sleeps_until_woken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no block waiting for idle time the writer thread sleeps (no polling for the life of
+    the machine); the first block put ``later`` starts its polls, and a drain wakes it at once.
+    IDLE_POLL is made an hour long: only these wakes can get the blocks written in time."""
+    cache = BlockCache(tmp_path)
+    written: list[str] = []
+    polls: list[int] = []
+
+    def probe() -> tuple[int, int]:
+        polls.append(1)
+        return (0, len(polls) * 100)  # always busy
+
+    writer = cache_mod.BatchWriter(cache, 8, written.extend, idle=probe)
+    writer.put(*block(1))
+    deadline = time.monotonic() + 5
+    while not written and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert written == [block(1)[0]], "a block put at once is written at once"
+    monkeypatch.setattr(cache_mod, "IDLE_POLL", 0.05)
+    time.sleep(0.3)
+    assert not polls, "nothing waits for idle time: the writer does not poll"
+    later = [block(10 + i) for i in range(3)]
+    for d, data in later:
+        writer.put(d, data, later=True)
+    deadline = time.monotonic() + 5
+    while len(polls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(polls) >= 2, "blocks wait: the writer polls for idle time"
+    assert not any(cache.has(d) for d, _ in later), "busy: they wait"
+    monkeypatch.setattr(cache_mod, "IDLE_POLL", 3600.0)
+    assert writer.drain(10), "the drain woke the writer"
+    assert all(cache.path(d).read_bytes() == data for d, data in later)
+    writer.close()
