@@ -57,6 +57,32 @@ def _ed25519_known_answer() -> bool:
     return ed25519.verify(pk, sig, b"") and not ed25519.verify(pk, sig, b"x")
 
 
+def _asyncio_check() -> str:
+    import asyncio
+    import functools
+
+    async def coro() -> None:
+        pass
+
+    def plain() -> None:
+        pass
+
+    class Ops:
+        async def method(self) -> None:
+            pass
+
+    right = (
+        asyncio.iscoroutinefunction(coro)
+        and asyncio.iscoroutinefunction(functools.partial(coro))
+        and asyncio.iscoroutinefunction(Ops().method)
+        and not asyncio.iscoroutinefunction(plain)
+        and not asyncio.iscoroutinefunction(functools.partial(plain))
+        and not asyncio.iscoroutinefunction(print)
+    )
+    check = "coroutine check ok" if right else "coroutine check WRONG"
+    return f"{check}, inspect {'imported' if 'inspect' in sys.modules else 'not imported'}"
+
+
 def selftest() -> int:
     """Import everything the agent and the block daemon load at run time; print versions."""
     import importlib
@@ -77,6 +103,12 @@ def selftest() -> int:
         elif name == "seedboot.agent.pyfuse":
             name, ver = "pyfuse3", f"{getattr(mod.pyfuse3, '__version__', '?')} (asyncio mode, no trio)"
         print(f"{name}: {ver}")
+    # Before the agent's own modules, which may import it: the frozen asyncio loads without
+    # inspect (tools/freeze.py PATCHES) and still tells coroutine functions from others.
+    asyncio_note = _asyncio_check()
+    print(f"asyncio: {asyncio_note}")
+    if "WRONG" in asyncio_note:
+        failed.append("asyncio")
     if _ed25519_known_answer():
         print("ed25519: libcrypto ok")
     else:

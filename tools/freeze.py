@@ -59,6 +59,13 @@ SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py)$")
 # - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
 #   under TCG) only to fabricate a __doc__ for classes without one, which with optimize=2 means every
 #   dataclass, each paying an inspect.signature(): classes keep __doc__ None instead.
+# A stand-in for ``import inspect`` that imports it on first use (asyncio, see PATCHES).
+_LAZY_INSPECT = """class _SeedbootLazyInspect:  # seedboot freezer: see PATCHES
+    def __getattr__(self, name):
+        import inspect
+        return getattr(inspect, name)
+inspect = _SeedbootLazyInspect()
+"""
 PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
     "pyfuse3/_pyfuse3.py": (
         (
@@ -89,6 +96,27 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
         ("\nimport inspect\n", "\n"),
         ("    if not getattr(cls, '__doc__'):\n", "    if False:  # seedboot freezer: see PATCHES\n"),
     ),
+    # asyncio imports inspect (and with it ast, dis, opcode, tokenize...: ~40% of asyncio's
+    # import time under qemu-user, in the block daemon's start) for three rare paths and one
+    # common one: add_signal_handler's coroutine check, here done as inspect does it in 3.11
+    # (a function, method or partial whose code has CO_COROUTINE); the rare ones (a callback's
+    # repr in an error message, a task yielding a bare generator, ensure_future on an awaitable
+    # that is not a coroutine) import inspect when they happen.
+    "asyncio/coroutines.py": (
+        ("\nimport inspect\n", "\nimport functools\n"),
+        (
+            "    return (inspect.iscoroutinefunction(func) or\n",
+            "    f = func  # seedboot freezer: inspect.iscoroutinefunction without inspect (see PATCHES)\n"
+            "    while isinstance(f, types.MethodType):\n"
+            "        f = f.__func__\n"
+            "    while isinstance(f, functools.partial):\n"
+            "        f = f.func\n"
+            "    code = getattr(f, '__code__', None)\n"
+            "    return (isinstance(code, types.CodeType) and bool(code.co_flags & 0x80) or\n",
+        ),
+    ),
+    "asyncio/format_helpers.py": (("\nimport inspect\n", "\n" + _LAZY_INSPECT),),
+    "asyncio/tasks.py": (("\nimport inspect\n", "\n" + _LAZY_INSPECT),),
 }
 # Packages whose __init__ is an extension module: modulefinder cannot scan them (and loops on them);
 # the stdlib modules they import are in STDLIB_ALWAYS.
