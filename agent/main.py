@@ -80,7 +80,8 @@ def _asyncio_check() -> str:
         and not asyncio.iscoroutinefunction(print)
     )
     check = "coroutine check ok" if right else "coroutine check WRONG"
-    return f"{check}, inspect {'imported' if 'inspect' in sys.modules else 'not imported'}"
+    lazy = [m for m in ("inspect", "tokenize", "textwrap", "ipaddress", "platform") if m not in sys.modules]
+    return f"{check}; not imported: {', '.join(lazy) or 'none of the lazy ones'}"
 
 
 def selftest() -> int:

@@ -54,7 +54,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,6 +189,8 @@ class CliTpm:
         return r.stdout
 
     def pcr_read(self, pcr: int) -> bytes:
+        import tempfile  # here: with random, ~45 ms of PID 1's start under emulation otherwise
+
         with tempfile.TemporaryDirectory(prefix="seedboot-tpm-") as d:
             out = Path(d) / "pcr"
             self.run("tpm2_pcrread", f"sha256:{pcr}", "-o", str(out))

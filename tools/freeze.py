@@ -59,13 +59,19 @@ SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py)$")
 # - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
 #   under TCG) only to fabricate a __doc__ for classes without one, which with optimize=2 means every
 #   dataclass, each paying an inspect.signature(): classes keep __doc__ None instead.
-# A stand-in for ``import inspect`` that imports it on first use (asyncio, see PATCHES).
-_LAZY_INSPECT = """class _SeedbootLazyInspect:  # seedboot freezer: see PATCHES
-    def __getattr__(self, name):
-        import inspect
-        return getattr(inspect, name)
-inspect = _SeedbootLazyInspect()
-"""
+
+
+def _lazy(module: str) -> str:
+    """Source standing in for ``import MODULE``: a proxy that imports it on first use (PATCHES)."""
+    return (
+        "class _SeedbootLazy:  # seedboot freezer: imports the module on first use (see PATCHES)\n"
+        "    def __getattr__(self, name):\n"
+        "        import importlib\n"
+        f"        return getattr(importlib.import_module({module!r}), name)\n"
+        f"{module} = _SeedbootLazy()\n"
+    )
+
+
 PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
     "pyfuse3/_pyfuse3.py": (
         (
@@ -115,8 +121,20 @@ PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
             "    return (isinstance(code, types.CodeType) and bool(code.co_flags & 0x80) or\n",
         ),
     ),
-    "asyncio/format_helpers.py": (("\nimport inspect\n", "\n" + _LAZY_INSPECT),),
-    "asyncio/tasks.py": (("\nimport inspect\n", "\n" + _LAZY_INSPECT),),
+    "asyncio/format_helpers.py": (("\nimport inspect\n", "\n" + _lazy("inspect")),),
+    "asyncio/tasks.py": (("\nimport inspect\n", "\n" + _lazy("inspect")),),
+    # Imported at start (PID 1's guest time, in ms under emulation) for functions that run
+    # rarely or never in the agent: tokenize (20) reads a source file for a traceback line,
+    # textwrap (11) indents exception notes, ipaddress (17) checks a bracketed URL host.
+    "linecache.py": (("\nimport tokenize\n", "\n" + _lazy("tokenize")),),
+    "traceback.py": (("\nimport textwrap\n", "\n" + _lazy("textwrap")),),
+    "urllib/parse.py": (("\nimport ipaddress\n", "\n" + _lazy("ipaddress")),),
+    # zstandard asks platform (17 ms) only which Python this is.
+    "zstandard/__init__.py": (
+        ("\nimport platform\n", "\n"),
+        ('platform.python_implementation() in ("CPython",)', 'sys.implementation.name == "cpython"'),
+        ('platform.python_implementation() in ("PyPy",)', 'sys.implementation.name == "pypy"'),
+    ),
 }
 # Packages whose __init__ is an extension module: modulefinder cannot scan them (and loops on them);
 # the stdlib modules they import are in STDLIB_ALWAYS.
