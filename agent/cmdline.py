@@ -25,7 +25,6 @@ boot online.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from seedboot.agent.errors import SeedError
@@ -182,6 +181,8 @@ def _cache(value: str) -> str:
 
 
 def _ip4(key: str, value: str, what: str) -> str:
+    import ipaddress  # only for a static ip=: ~20 ms of every boot's start under emulation otherwise
+
     try:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
@@ -217,6 +218,8 @@ def _ip(value: str) -> IpConfig:
             raise _bad("ip", value, f"prefix /{plen} is not 0..32")
         prefix = int(plen)
     elif mask:
+        import ipaddress
+
         try:
             prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
         except ValueError:
