@@ -54,11 +54,6 @@ PACKAGES: tuple[str, ...] = (
 SKIP_PARTS = frozenset({"__pycache__", "tests", "_tests", "testing", "test", "_tools"})
 SKIP_SUFFIXES = (".pyi", ".typed", ".c", ".h", ".pyx", ".pxd", ".md", ".txt")
 SKIP_NAMES = re.compile(r"^(_cffi\..*\.so|backend_cffi\.py|_windows.*\.py)$")
-# Source edits at freeze time: module path -> ((old, new), ...), for start-up cost under emulation.
-# - pyfuse3 asks importlib.metadata for its version at import, which pulls in email, zipfile, csv...
-# - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
-#   under TCG) only to fabricate a __doc__ for classes without one, which with optimize=2 means every
-#   dataclass, each paying an inspect.signature(): classes keep __doc__ None instead.
 
 
 def _lazy(module: str) -> str:
@@ -72,6 +67,12 @@ def _lazy(module: str) -> str:
     )
 
 
+# Source edits at freeze time: module path -> ((old, new), ...), for start-up cost under emulation.
+# - pyfuse3 asks importlib.metadata for its version at import, which pulls in email, zipfile, csv...
+# - dataclasses imports inspect (ast, dis, tokenize, linecache: ~40% of dataclasses' import time
+#   under TCG) only to fabricate a __doc__ for classes without one, which with optimize=2 means every
+#   dataclass, each paying an inspect.signature(): classes keep __doc__ None instead.
+# (The asyncio, stdlib and zstandard ones say why beside them.)
 PATCHES: dict[str, tuple[tuple[str, str], ...]] = {
     "pyfuse3/_pyfuse3.py": (
         (
