@@ -389,7 +389,6 @@ class BatchWriter:
         self.thread.start()
 
     def put(self, digest: str, stored: bytes, later: bool = False) -> None:
-        first = False
         with self.lock:
             later = later and not self.flush and self.later_bytes + len(stored) <= LATER_MAX
             self.queued_bytes += len(stored)
@@ -397,11 +396,9 @@ class BatchWriter:
             if later:
                 self.later.append((digest, stored))
                 self.later_bytes += len(stored)
-                first = len(self.later) == 1
-        if later:
-            if first:
-                self.queue.put(_WAKE)  # the writer sleeps while nothing waits: it polls from now on
-            return
+                if len(self.later) == 1:
+                    self.queue.put(_WAKE)  # the writer sleeps while nothing waits: it polls from now on
+                return
         self.slots.acquire()
         self.queue.put((digest, stored))
 
@@ -416,8 +413,7 @@ class BatchWriter:
         """Wait until every block put so far is written (or failed to be); False on timeout."""
         with self.all_written:
             self.flush = True
-        self.queue.put(_WAKE)  # the waiting blocks go now, not at the next poll
-        with self.all_written:
+            self.queue.put(_WAKE)  # the waiting blocks go now, not at the next poll
             return self.all_written.wait_for(lambda: self.unwritten == 0, timeout)
 
     def _run(self) -> None:
@@ -436,10 +432,8 @@ class BatchWriter:
                 else:  # nothing waits for idle time: sleep until a block, a wake or close
                     ticks = None  # the next blocks put later start a new window
                     item = self.queue.get()
-            except queue.Empty:
-                if not self.later:
-                    ticks = None
-                elif self.flush:
+            except queue.Empty:  # only this thread empties ``later``: blocks still wait
+                if self.flush:
                     self._write_later()
                 elif ticks is None:
                     ticks = self.idle()  # the first poll with blocks waiting starts the window
