@@ -57,7 +57,7 @@ def _ed25519_known_answer() -> bool:
     return ed25519.verify(pk, sig, b"") and not ed25519.verify(pk, sig, b"x")
 
 
-def _asyncio_check() -> str:
+def _asyncio_check() -> tuple[bool, str]:
     import asyncio
     import functools
 
@@ -81,7 +81,7 @@ def _asyncio_check() -> str:
     )
     check = "coroutine check ok" if right else "coroutine check WRONG"
     lazy = [m for m in ("inspect", "tokenize", "textwrap", "ipaddress", "platform") if m not in sys.modules]
-    return f"{check}; not imported: {', '.join(lazy) or 'none of the lazy ones'}"
+    return right, f"{check}; not imported: {', '.join(lazy) or 'none of the lazy ones'}"
 
 
 def selftest() -> int:
@@ -106,9 +106,9 @@ def selftest() -> int:
         print(f"{name}: {ver}")
     # Before the agent's own modules, which may import it: the frozen asyncio loads without
     # inspect (tools/freeze.py PATCHES) and still tells coroutine functions from others.
-    asyncio_note = _asyncio_check()
+    asyncio_ok, asyncio_note = _asyncio_check()
     print(f"asyncio: {asyncio_note}")
-    if "WRONG" in asyncio_note:
+    if not asyncio_ok:
         failed.append("asyncio")
     if _ed25519_known_answer():
         print("ed25519: libcrypto ok")
