@@ -154,6 +154,36 @@ def test_bus_scan_matches_the_sysfs_walk() -> None:
     assert hardware.modaliases_bus() == hardware.modaliases_sysfs()
 
 
+def test_bus_scan_reads_each_device_once_and_sees_new_ones(tmp_path: Path) -> None:
+    """Later coldplug rounds read only the devices that appeared since (a sysfs tree of files
+    stands in for /sys: the real one cannot be changed from here)."""
+    devices = tmp_path / "bus" / "pci" / "devices"
+
+    def device(name: str, alias: str | None) -> Path:
+        d = devices / name
+        d.mkdir(parents=True)
+        if alias is not None:
+            (d / "modalias").write_text(alias + "\n")
+        return d
+
+    nic = device("0000:00:03.0", "pci:v00001AF4d00001000")
+    device("0000:00:04.0", None)  # no modalias yet
+    assert hardware.modaliases_bus(str(tmp_path)) == {"pci:v00001AF4d00001000"}
+    (nic / "modalias").write_text("pci:changed\n")  # the same entry is not read again
+    (devices / "0000:00:04.0" / "modalias").write_text("pci:v00001AF4d00001001\n")
+    device("0000:00:05.0", "pci:v00008086d0000100E")
+    assert hardware.modaliases_bus(str(tmp_path)) == {
+        "pci:v00001AF4d00001000",
+        "pci:v00001AF4d00001001",
+        "pci:v00008086d0000100E",
+    }
+    # a device that goes and comes back under the same name is a new entry: read again
+    device("moved", "pci:v00001234d00001111").rename(tmp_path / "aside")
+    nic.rename(tmp_path / "gone")
+    (tmp_path / "aside").rename(nic)
+    assert "pci:v00001234d00001111" in hardware.modaliases_bus(str(tmp_path))
+
+
 def test_modaliases_sysfs_walk_matches_libudev() -> None:
     aliases = hardware.modaliases_sysfs()
     assert aliases and all(":" in a for a in aliases)

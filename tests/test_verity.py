@@ -109,12 +109,25 @@ def test_metadata_verity_field_is_validated(work: Path, tmp_path: Path) -> None:
     meta = metadata.Metadata("x", 1, 0, 10, "a" * 64, 10, 8192, 65536, verity=v)
     assert metadata.parse(meta.to_json()).verity == v
     d = json.loads(meta.to_json())
-    for key, bad in (("hash", "md5"), ("data_blocks", 3), ("salt", "xyz"), ("root_hash", "00")):
+    for key, bad in (
+        ("hash", "md5"),
+        ("data_blocks", 3),
+        ("salt", "xyz"),
+        ("root_hash", "00"),
+        ("tree_zst", "zz"),
+        ("tree_zst_size", 0),  # a .zst digest without a .zst
+    ):
         broken = dict(d, verity=dict(d["verity"], **{key: bad}))
         with pytest.raises(FormatError):
             metadata.parse(json.dumps(broken).encode())
     with pytest.raises(FormatError, match="covers"):
         metadata.parse(json.dumps(dict(d, image_size=4096)).encode())
+    # Metadata from before the .zst's digest was signed still parses (the agent then hashes
+    # the tree it unpacks), and writes back without the field.
+    older = dict(d, verity={k: x for k, x in d["verity"].items() if k != "tree_zst"})
+    parsed = metadata.parse(json.dumps(older).encode())
+    assert parsed.verity is not None and parsed.verity.tree_zst == ""
+    assert b'tree_zst"' not in parsed.to_json()
     # Metadata without verity is byte-identical to the format before the field existed.
     plain = metadata.Metadata("x", 1, 0, 10, "a" * 64, 10, 8192, 65536)
     assert b"verity" not in plain.to_json()
@@ -135,6 +148,7 @@ def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
     plain_tree = mirror / averity.tree_path("demo", v.tree)
     packed = plain_tree.with_name(plain_tree.name + ".zst")
     assert 0 < v.tree_zst_size == packed.stat().st_size < v.tree_size
+    assert v.tree_zst == hashlib.sha256(packed.read_bytes()).hexdigest()
     plain_tree.rename(tmp_path / "aside")
     path = averity.fetch_tree("demo", v, cache, reader)
     assert path == cache / averity.tree_path("demo", v.tree)
@@ -148,15 +162,26 @@ def test_agent_fetches_and_checks_tree(  # type: ignore[no-untyped-def]
         averity.fetch_tree("demo", v, cache, reader)
     assert "fetching the uncompressed tree" in caplog.text
     assert tverity.verify(work / "root.ext4", path, v)
-    # One that decompresses to the signed size but to other bytes: the same.
-    packed.write_bytes(zstandard.ZstdCompressor().compress(bytes(v.tree_size)))
-    v = dataclasses.replace(v, tree_zst_size=packed.stat().st_size)
-    path.unlink()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        averity.fetch_tree("demo", v, cache, reader)
-    assert "does not decompress to the signed tree" in caplog.text
-    assert tverity.verify(work / "root.ext4", path, v)
+    # One that decompresses to the signed size but to other bytes: the same, whether the
+    # metadata signs the .zst's digest (checked instead of hashing the whole tree), or is from
+    # before that field (the tree is hashed), or signs the digest of a .zst of another tree
+    # (a publisher's mistake: the top block does not hash to the signed root hash).
+    other = zstandard.ZstdCompressor().compress(bytes(v.tree_size))
+    packed.write_bytes(other)
+    signed = dataclasses.replace(v, tree_zst_size=len(other))
+    before = dataclasses.replace(signed, tree_zst="")
+    mistaken = dataclasses.replace(signed, tree_zst=hashlib.sha256(other).hexdigest())
+    for meta_v, why in (
+        (signed, "does not match its signed digest"),
+        (before, "does not decompress to the signed tree"),
+        (mistaken, "does not decompress to the signed tree"),
+    ):
+        path.unlink()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            averity.fetch_tree("demo", meta_v, cache, reader)
+        assert why in caplog.text and "fetching the uncompressed tree" in caplog.text
+        assert tverity.verify(work / "root.ext4", path, v)
     packed.write_bytes(good)
     # gc keeps both forms of a kept version's tree.
     r = subprocess.run([SEEDBOOT, "gc", "--mirror", str(mirror)], capture_output=True, text=True, timeout=120)

@@ -137,7 +137,7 @@ def verify_release(
         if meta.verity.tree_zst_size:
             zpath = averity.packed_tree_path(name, meta.verity.tree)
             try:
-                averity.unpack_tree(reader.get(zpath), meta.verity)
+                averity.unpack_tree(reader.get(zpath), meta.verity, whole=True)
             except (SeedError, ValueError) as e:
                 report.problems.append(f"dm-verity tree {file_of(location, zpath)}: {e}")
     refs = distinct_blocks(rel.index)

@@ -107,9 +107,18 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
         write_atomic(path, tree, sync=False)
     # The compressed copy is what booting agents fetch; the plain tree stays for veritysetup
     # and for agents from before the .zst.
-    packed = zstandard.ZstdCompressor(level=TREE_LEVEL).compress(tree)
+    # Its digest is signed, and agents check only that (not the tree it unpacks to): so it is
+    # unpacked and compared here, and a .zst already on the mirror for this tree (an earlier
+    # publish, perhaps with another zstd) is kept as it is rather than replaced under agents.
     zst = mirror / verity.packed_tree_path(name, digest)
-    if not zst.exists() or zst.stat().st_size != len(packed):
+    try:
+        packed = zst.read_bytes()
+    except FileNotFoundError:
+        packed = b""
+    if not packed or _unpack(packed, len(tree)) != tree:
+        packed = zstandard.ZstdCompressor(level=TREE_LEVEL).compress(tree)
+        if _unpack(packed, len(tree)) != tree:
+            raise SeedError(f"zstd did not round-trip the dm-verity tree of {image}", "a zstandard bug?")
         write_atomic(zst, packed, sync=False)
     log.info(
         "dm-verity tree of %s: root %s, %d data blocks, tree %d bytes", image, root_hash, blocks, len(tree)
@@ -124,7 +133,15 @@ def build(image: Path, mirror: Path, name: str, salt: str | None = None) -> meta
         data_block_size=block,
         hash_block_size=HASH_BLOCK,
         tree_zst_size=len(packed),
+        tree_zst=hashlib.sha256(packed).hexdigest(),
     )
+
+
+def _unpack(packed: bytes, size: int) -> bytes | None:
+    try:
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=size)
+    except zstandard.ZstdError:
+        return None
 
 
 def verify(image: Path, tree: Path, v: metadata.Verity) -> bool:
