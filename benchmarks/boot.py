@@ -393,8 +393,11 @@ def stage_lines(rows: list[Row]) -> list[str]:
             split = ", ".join(f"{k} {v:.1f}" for k, v in run.stages.items())
             lines.append(f"  ({row.config.key}) {split}")
         if run and run.cpu:
-            cpu = ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items())
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in run.cpu.items() if ":" not in k)
             lines.append(f"      CPU from the agent's first line to the switch: {cpu}")
+            threads = ", ".join(f"{k[7:]} {v:.2f}" for k, v in run.cpu.items() if k.startswith("daemon:"))
+            if threads:
+                lines.append(f"      of the block daemon's, by thread (its start is in main): {threads}")
     for row in rows:
         states = [r.cache_after for r in row.runs if r.cache_after]
         if states:

@@ -34,10 +34,12 @@ AGENT_READY = re.compile(r"(?:up|ready) at ([\d.]+)s")
 AGENT_INIT = re.compile(r"init at ([\d.]+)s")
 # The timing line's split of the CPU from the agent's first line to the switch (agent/stages/switch.py)
 CPU_SPLIT = re.compile(
-    r"CPU since the first line: agent ([\d.]+)s, its commands ([\d.]+)s, block daemon ([\d.]+)s, "
-    r"kernel and the rest ([\d.]+)s, idle ([\d.]+)s"
+    r"CPU since the first line: agent ([\d.]+)s, its commands ([\d.]+)s, block daemon ([\d.]+)s"
+    r"(?: \(([^)]*)\))?, kernel and the rest ([\d.]+)s, idle ([\d.]+)s"
 )
 CPU_KEYS = ("agent", "commands", "daemon", "kernel", "idle")
+# the daemon's own split by thread, in parentheses after its figure: "(verify 0.88, fetcher 0.58)"
+DAEMON_THREAD = re.compile(r"([\w-]+) ([\d.]+)")
 
 
 def seedboot(*args: str) -> str:
@@ -254,11 +256,16 @@ def publish_profile(setup: Setup, traces: list[Path], image: Path) -> None:
 
 def cpu_split(lines: list[tuple[float, str]]) -> dict[str, float]:
     """Who used the CPU from the agent's first line to the switch, in seconds, from its timing
-    line: agent, commands (mostly modprobe), daemon, kernel, idle; empty without that line."""
+    line: agent, commands (mostly modprobe), daemon, kernel, idle, and the daemon's threads as
+    ``daemon:NAME`` (fetcher, verify, local-copy, main...); empty without that line."""
     for _t, line in lines:
         m = CPU_SPLIT.search(line)
         if m:
-            return dict(zip(CPU_KEYS, map(float, m.groups()), strict=True))
+            agent, commands, daemon, threads, kernel, idle = m.groups()
+            out = dict(zip(CPU_KEYS, map(float, (agent, commands, daemon, kernel, idle)), strict=True))
+            for name, secs in DAEMON_THREAD.findall(threads or ""):
+                out[f"daemon:{name}"] = float(secs)
+            return out
     return {}
 
 

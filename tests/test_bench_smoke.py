@@ -89,6 +89,19 @@ def test_cpu_split_from_the_timing_line() -> None:
         "idle": 0.0,
     }
     assert seedboot_runs.cpu_split([(1.0, "no agent here")]) == {}
+    # with the daemon's split by thread (from its status, agent/stages/switch.py)
+    by_thread = "block daemon 2.37s (verify 0.88, main 0.72, local-copy 0.14),"
+    threaded = line.replace("block daemon 2.37s,", by_thread)
+    assert seedboot_runs.cpu_split([(10.8, threaded)]) == {
+        "agent": 1.45,
+        "commands": 0.84,
+        "daemon": 2.37,
+        "kernel": 0.30,
+        "idle": 0.0,
+        "daemon:verify": 0.88,
+        "daemon:main": 0.72,
+        "daemon:local-copy": 0.14,
+    }
 
 
 @pytest.mark.root

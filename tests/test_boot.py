@@ -162,10 +162,14 @@ def test_boot_online_offline_record_profile(setup: Setup) -> None:
     # where that overhead's CPU went: the forked daemon's imports and start are its own share
     split = re.search(
         r"CPU since the first line: agent ([\d.]+)s, its commands [\d.]+s, "
-        r"block daemon ([\d.]+)s, kernel and the rest [\d.]+s, idle [\d.]+s",
+        r"block daemon ([\d.]+)s \(([^)]*)\), kernel and the rest [\d.]+s, idle [\d.]+s",
         console,
     )
     assert split and float(split.group(1)) > 0 and float(split.group(2)) > 0, console
+    # the daemon's share by thread, from its status: its start (main) and its fetching
+    threads = {n: float(v) for n, v in re.findall(r"([\w-]+) ([\d.]+)", split.group(3))}
+    assert "main" in threads and "fetcher" in threads, split.group(0)
+    assert sum(threads.values()) <= float(split.group(2)) + 0.01 * len(threads), split.group(0)
     assert f"SEED-DISK-HOOK stage=switch mirror=http://10.0.2.2:{s.nginx.port} cache=disk" in console
     # the cache partition now holds the verified release and this boot's trace
     assert debugfs(disk, "cat /demo/latest").strip() == "1"
