@@ -114,7 +114,14 @@ def _open_from_mirrors(opts: MountOptions, mirrors: MirrorSet, keys: list[Any]) 
     errors: list[str] = []
     for m in mirrors.order():
         try:
-            return open_release(HttpReader(m.url), opts.name, keys, opts.version, **_trust_args(opts))
+            return open_release(
+                HttpReader(m.url),
+                opts.name,
+                keys,
+                opts.version,
+                with_profile=opts.prefetch == "profile",
+                **_trust_args(opts),
+            )
         except RollbackRefused:
             raise
         except SeedError as e:

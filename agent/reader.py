@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,27 @@ class Reader(Protocol):
     location: str
 
     def get(self, path: str) -> bytes: ...
+
+
+def get_all(reader: Reader, paths: Sequence[str]) -> list[bytes | SeedError]:
+    """Each file's bytes, or the error ``get`` raised for it, in order: all in flight together
+    where the reader can (``HttpReader.get_many``: one round trip for all instead of one each),
+    else one after the other."""
+    many = getattr(reader, "get_many", None)
+    if many is not None:
+        got: list[bytes | SeedError] = many(paths)
+        return got
+    out: list[bytes | SeedError] = []
+    for path in paths:
+        try:
+            out.append(reader.get(path))
+        except SeedError as e:
+            out.append(e)
+    return out
+
+
+def first_error(got: Sequence[bytes | SeedError]) -> SeedError | None:
+    return next((g for g in got if isinstance(g, SeedError)), None)
 
 
 @dataclass
@@ -57,17 +79,16 @@ class HttpReader:
     location: str = ""
     server_date: float | None = None
     _curl: Any = field(default=None, repr=False)
+    _multi: Any = field(default=None, repr=False)  # get_many's: its connections stay open between calls
+    _handles: list[Any] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         self.location = self.location or self.base_url
 
-    def get(self, path: str) -> bytes:
+    def _setup(self, c: Any, path: str) -> tuple[str, io.BytesIO, list[bytes]]:
         import pycurl
 
-        if self._curl is None:
-            self._curl = pycurl.Curl()
-        c = self._curl
         body = io.BytesIO()
         headers: list[bytes] = []
         url = f"{self.base_url}/{path}"
@@ -78,10 +99,11 @@ class HttpReader:
         c.setopt(pycurl.TIMEOUT_MS, int(self.timeout * 1000))
         c.setopt(pycurl.FOLLOWLOCATION, True)
         c.setopt(pycurl.NOSIGNAL, 1)
-        try:
-            c.perform()
-        except pycurl.error as e:
-            raise SeedError(f"{url}: {e.args[-1]}", "is the mirror up and reachable?") from e
+        return url, body, headers
+
+    def _result(self, c: Any, url: str, body: io.BytesIO, headers: list[bytes]) -> bytes:
+        import pycurl
+
         status = int(c.getinfo(pycurl.RESPONSE_CODE))
         self._note_date(headers)
         if status == 404:
@@ -89,6 +111,60 @@ class HttpReader:
         if status != 200:
             raise SeedError(f"{url}: HTTP {status}", "the mirror answered with an error")
         return body.getvalue()
+
+    def get(self, path: str) -> bytes:
+        import pycurl
+
+        if self._curl is None:
+            self._curl = pycurl.Curl()
+        c = self._curl
+        url, body, headers = self._setup(c, path)
+        try:
+            c.perform()
+        except pycurl.error as e:
+            raise SeedError(f"{url}: {e.args[-1]}", "is the mirror up and reachable?") from e
+        return self._result(c, url, body, headers)
+
+    def get_many(self, paths: Sequence[str]) -> list[bytes | SeedError]:
+        """``get`` of each path, all transfers in flight at once (one round trip for all, on
+        as many connections); each item the bytes or the error ``get`` would have raised."""
+        import pycurl
+
+        if self._multi is None:
+            self._multi = pycurl.CurlMulti()
+        while len(self._handles) < len(paths):
+            self._handles.append(pycurl.Curl())
+        handles = self._handles[: len(paths)]
+        jobs = [(c, *self._setup(c, path)) for c, path in zip(handles, paths, strict=True)]
+        failed: dict[int, str] = {}
+        for c, *_ in jobs:
+            self._multi.add_handle(c)
+        try:
+            active = len(jobs)
+            while active:
+                ret, active = self._multi.perform()
+                if ret == pycurl.E_CALL_MULTI_PERFORM:
+                    continue
+                if active:
+                    self._multi.select(1.0)  # each transfer has its own time limits
+            while True:
+                queued, _ok, errors = self._multi.info_read()
+                for c, _errno, msg in errors:
+                    failed[id(c)] = msg or f"curl error {_errno}"
+                if not queued:
+                    break
+        finally:
+            for c, *_ in jobs:
+                self._multi.remove_handle(c)
+        out: list[bytes | SeedError] = []
+        for c, url, body, headers in jobs:
+            try:
+                if id(c) in failed:
+                    raise SeedError(f"{url}: {failed[id(c)]}", "is the mirror up and reachable?")
+                out.append(self._result(c, url, body, headers))
+            except SeedError as e:
+                out.append(e)
+        return out
 
     def _note_date(self, headers: list[bytes]) -> None:
         for h in headers:

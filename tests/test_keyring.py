@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from seedboot.agent import release, rollback, signature
-from seedboot.agent.errors import MetadataExpired, SignatureInvalid
-from seedboot.agent.reader import DirReader, HttpReader
+from seedboot.agent import layout, release, rollback, signature
+from seedboot.agent import profile as profilemod
+from seedboot.agent.errors import MetadataExpired, SeedError, SignatureInvalid
+from seedboot.agent.reader import DirReader, HttpReader, NotFound
 from seedboot.tools import keyring_tools, keys, publish
 from tests.helpers import Nginx, keypair
 
@@ -227,3 +228,39 @@ def test_offline_uses_cached_statement(work: Path, tmp_path: Path) -> None:
     shutil.rmtree(mirror)
     rel = open_as(cache, work, v2, state_dir=cache)
     assert rel.keys_stmt is not None and rel.signer == pub(work, "a").id_str
+
+
+def test_release_files_fetched_together_and_the_profile_beside_the_index(  # type: ignore[no-untyped-def]
+    work: Path, tmp_path: Path, nginx
+) -> None:
+    """The metadata and its signature in one round trip, then the index and the boot profile
+    in one (the miniroot's trust stage saves the profile where the block daemon looks first)."""
+    mirror, cache = tmp_path / "m", tmp_path / "cache"
+    prof = tmp_path / "boot.profile"
+    prof.write_bytes(profilemod.encode([3, 1, 2], nblocks=8))
+    key = keys.load_secret_key(work / "root.key")
+    publish.publish(work / "image.bin", mirror, "demo", key, block_size=64 * 1024, profile_file=prof)
+    srv: Nginx = nginx(mirror)
+    reader = HttpReader(srv.url)
+    latest = (mirror / layout.latest_path("demo")).read_bytes()
+    got = reader.get_many([layout.latest_path("demo"), "demo/nothing", layout.latest_path("demo")])
+    assert got[0] == got[2] == latest and isinstance(got[1], NotFound)
+    rel = release.open_release(reader, "demo", [pub(work, "root")], with_profile=True)
+    assert rel.meta.profile is not None
+    on_mirror = mirror / layout.profile_path("demo", rel.meta.profile)
+    assert rel.profile_bytes == on_mirror.read_bytes() and profilemod.parse(rel.profile_bytes) == [3, 1, 2]
+    assert release.open_release(reader, "demo", [pub(work, "root")]).profile_bytes is None  # not asked
+    release.save_release(cache, rel)
+    assert (cache / layout.profile_path("demo", rel.meta.profile)).read_bytes() == rel.profile_bytes
+    # the cache serves as a mirror, profile included (the block daemon's --cached-release)
+    again = release.open_release(DirReader(cache), "demo", [pub(work, "root")], with_profile=True)
+    assert again.profile_bytes == rel.profile_bytes
+    # a profile that does not match its signed digest is left out, not trusted: the daemon
+    # then looks for a good one itself; the release is still good
+    on_mirror.write_bytes(profilemod.encode([7], nblocks=8))
+    bad = release.open_release(HttpReader(srv.url), "demo", [pub(work, "root")], with_profile=True)
+    assert bad.profile_bytes is None and bad.meta == rel.meta
+    # a signature missing from the mirror: refused as before, with the version named
+    (mirror / layout.sig_path("demo", rel.meta.version)).unlink()
+    with pytest.raises(SeedError, match=f"version {rel.meta.version} of 'demo' is not on"):
+        release.open_release(HttpReader(srv.url), "demo", [pub(work, "root")])

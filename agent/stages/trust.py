@@ -92,6 +92,8 @@ def from_mirrors(ctx: Context, name: str, keys: list[PublicKey]) -> tuple[Releas
                 state_dir=ctx.paths.cache,
                 allow_older=ctx.cmdline.version is not None,
                 keys_fallback=DirReader(ctx.paths.cache),
+                # beside the index, saved to the cache, where the block daemon looks first
+                with_profile=ctx.cmdline.prefetch == "profile",
             )
         except SeedError as e:
             log.warning("mirror %s: %s", url, e.message)
