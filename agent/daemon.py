@@ -33,11 +33,20 @@ from typing import Any
 
 from seedboot.agent import layout
 from seedboot.agent import profile as profilemod
+from seedboot.agent.atomic import write_atomic
 from seedboot.agent.blockdev import BlockDevice, Prefetcher, ReadAhead, Recorder, mirrors_status
 from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import DEMAND, PREFETCH, Fetcher
-from seedboot.agent.localcopy import VERITY_DATA, VERITY_METADATA, LocalCopy, watch_verity_errors
+from seedboot.agent.localcopy import (
+    SETTLED_POLL,
+    VERITY_DATA,
+    VERITY_METADATA,
+    LocalCopy,
+    settled,
+    settled_flag,
+    watch_verity_errors,
+)
 from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
@@ -152,8 +161,6 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
             continue
         blocks_ = profilemod.parse(data, f"profile {digest[:12]}", nblocks=rel.index.nblocks)
         if not isinstance(src, DirReader):
-            from seedboot.agent.atomic import write_atomic
-
             write_atomic(cache / path, data)
         return blocks_
     log.warning("prefetch: profile %s not found on any mirror; prefetch off", digest[:12])
@@ -254,6 +261,29 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
+def _say_when_settled(flag: Path, progress: Callable[[], dict[str, Any]]) -> None:
+    """Write "0" to FLAG now and "1" once the local copy is settled (``localcopy.settled``),
+    checking every SETTLED_POLL s in this process: the root stage waits on that file instead
+    of polling ``progress.json`` through FUSE. Without the file it polls as before."""
+
+    def put(text: str) -> bool:
+        try:
+            write_atomic(flag, text.encode(), sync=False)
+        except OSError as e:
+            log.info("local copy: cannot write %s (%s); the root stage polls the mount instead", flag, e)
+            return False
+        return True
+
+    def run() -> None:
+        while not settled(progress()):
+            time.sleep(SETTLED_POLL)
+        put("1")
+        log.info("local copy: the profile and carried blocks are copied (%s)", flag)
+
+    if put("0"):
+        threading.Thread(target=run, name="copy-settled", daemon=True).start()
+
+
 def _rss() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -334,13 +364,18 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         }
         return (json.dumps(s, indent=1) + "\n").encode()
 
-    def progress() -> bytes:
-        s = {
+    def progress_now() -> dict[str, Any]:
+        return {
             "prefetch": prefetcher.status() if prefetcher else {"what": opts.prefetch, "complete": True},
             "copy": copy.status() if copy else None,
             "quiesced": quiesced.done,
         }
-        return (json.dumps(s) + "\n").encode()
+
+    def progress() -> bytes:
+        return (json.dumps(progress_now()) + "\n").encode()
+
+    if copy is not None:
+        _say_when_settled(settled_flag(mountpoint), progress_now)
 
     fs = SeedFS(dev, status, int(rel.meta.created * 1e9), readahead, recorder, copy, progress)
     options = set(pyfuse3.default_options) | {f"fsname=seedboot:{rel.meta.name}", "ro", "allow_other"}

@@ -38,6 +38,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from seedboot.agent import layout
 from seedboot.agent.dm import Target
@@ -94,6 +95,32 @@ def _read_direct(fd: int, buf: mmap.mmap, n: int, offset: int) -> bytes | None:
         return bytes(view[:n]) if os.preadv(fd, [view], offset) >= n else None
     finally:
         view.release()
+
+
+def settled_flag(mountpoint: Path) -> Path:
+    """Where the block daemon says whether its copy is settled: a file beside the mount point,
+    not in it ("0" while the boot profile or the carried blocks are being copied, "1" once they
+    are). The root stage checks it every SETTLED_POLL s: a read of ``progress.json`` through
+    FUSE cost the daemon ~1.3 ms per request under emulation, 5 requests a read, and the stage
+    polled every 0.2 s (~0.2 s of the daemon's CPU in a first boot, profiled)."""
+    return mountpoint.with_name(mountpoint.name + ".copy")
+
+
+SETTLED_POLL = 0.05
+
+
+def settled(progress: dict[str, Any]) -> bool:
+    """From ``progress.json``: nothing more for the root stage to wait for (no copy, or it
+    stopped, or neither a boot profile nor carried blocks to copy, or all of them copied)."""
+    pf, cp = progress.get("prefetch") or {}, progress.get("copy") or {}
+    if not cp or cp.get("stopped"):
+        return True
+    profile = pf.get("what") == "profile" and bool(pf.get("total"))
+    # a paused copy (its file system too full) carries nothing more
+    carry = int(cp.get("carry") or 0) if cp.get("room", True) else 0
+    if not profile and not carry and not cp.get("carried"):
+        return True
+    return (not profile or bool(pf.get("complete"))) and not cp.get("queued") and not carry
 
 
 def paths(cache: Path, name: str, index_digest: str) -> tuple[Path, Path]:

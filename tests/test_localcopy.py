@@ -229,6 +229,8 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     said: list[str] = []
     note = wait_for_copy(m.mountpoint / "progress.json", said.append)
     assert note.startswith(f" (the profile's {len(order)} blocks copied first: waited"), note
+    # the daemon said so in the file beside the mount, which the wait watched between reads
+    assert localcopy.settled_flag(m.mountpoint).read_bytes() == b"1"
     st = m.status()
     pf, cp = st["prefetch"], st["copy"]
     assert isinstance(pf, dict) and isinstance(cp, dict) and pf["complete"] and not cp["queued"]
@@ -386,6 +388,8 @@ def test_an_updates_first_boot_waits_for_the_carried_blocks_and_fetches_only_the
     img1, _ = _boot_v1_whole(published, rig, srv.url, cache, mirror)
 
     m = rig.mount([srv.url], cache, "--prefetch", "profile", "--local-copy", pub=published.pub)
+    # without the daemon's flag file the wait reads the progress every 0.2 s, to the same end
+    localcopy.settled_flag(m.mountpoint).unlink(missing_ok=True)
     said: list[str] = []
     note = wait_for_copy(m.mountpoint / "progress.json", said.append)
     want = set(full) - changed
@@ -407,3 +411,17 @@ def test_an_updates_first_boot_waits_for_the_carried_blocks_and_fetches_only_the
         copy[b * bs : b * bs + idx2.plain_len(b)] == data[b * bs : b * bs + idx2.plain_len(b)] for b in copied
     )
     clean_umount(m)
+
+
+def test_settled_reads_the_progress_as_the_root_stage_does() -> None:
+    profile = {"what": "profile", "total": 3, "done": 3, "complete": True}
+    copying = {"queued": 0, "carry": 0, "carried": 0, "room": True, "stopped": ""}
+    assert localcopy.settled({"prefetch": profile, "copy": copying})
+    assert not localcopy.settled({"prefetch": dict(profile, complete=False), "copy": copying})
+    assert not localcopy.settled({"prefetch": profile, "copy": dict(copying, queued=2)})
+    assert not localcopy.settled({"prefetch": profile, "copy": dict(copying, carry=5)})
+    # a paused copy (its file system too full) carries nothing more: nothing to wait for
+    assert localcopy.settled({"prefetch": profile, "copy": dict(copying, carry=5, room=False)})
+    assert localcopy.settled({"prefetch": profile, "copy": dict(copying, stopped="disk full")})
+    assert localcopy.settled({"prefetch": {"what": "off", "complete": True}, "copy": copying})
+    assert localcopy.settled({"prefetch": profile, "copy": None})

@@ -140,7 +140,16 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
     copy carries over the last version's unchanged blocks, wait for them (the boot then reads
     those blocks without the daemon: each read through it costs ~2 ms of CPU under emulation,
     and the whole profile's transfer is the same either way), as long as it makes progress,
-    saying how far it got every PROFILE_REPORT seconds. Returns a note for the root line."""
+    saying how far it got every PROFILE_REPORT seconds. Returns a note for the root line.
+
+    Between reads of ``status_path`` (``progress.json``, through FUSE) it watches the daemon's
+    flag file beside the mount (``localcopy.settled_flag``): a check every SETTLED_POLL s costs
+    nothing, and the progress is read again once the flag says settled, or every
+    PROFILE_REPORT s for the report and the stall check. Without the flag it reads the
+    progress every 0.2 s."""
+    from seedboot.agent.localcopy import SETTLED_POLL, settled, settled_flag
+
+    flag = settled_flag(status_path.parent)
     t0 = last = reported = time.monotonic()
     seen: tuple[object, ...] = ()
     carry_total = 0
@@ -160,7 +169,7 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
         if not profile and not carry_total:
             return ""
         now = time.monotonic()
-        if (not profile or pf.get("complete")) and not cp.get("queued") and not carry:
+        if settled(st):
             done = [f"the profile's {pf['total']} blocks copied first"] if profile else []
             if carry_total:
                 done.append(f"{cp.get('carried')} blocks carried over from the last version's copy")
@@ -177,7 +186,26 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
         elif now - last > PROFILE_STALL:
             log.warning("local copy: no progress for %.0f s", PROFILE_STALL)
             return f" (stopped waiting for the local copy after {now - t0:.1f}s: no progress)"
+        _wait_settled(flag, reported + PROFILE_REPORT, SETTLED_POLL)
+
+
+def _wait_settled(flag: Path, until: float, step: float) -> None:
+    """Until FLAG says "1" or UNTIL, checking it every STEP s. No flag (a daemon that does not
+    write it), or one already set while the progress still says otherwise: 0.2 s, as before."""
+    if _flag(flag) != b"0":
         time.sleep(0.2)
+        return
+    while time.monotonic() < until:
+        time.sleep(step)
+        if _flag(flag) != b"0":
+            return
+
+
+def _flag(flag: Path) -> bytes:
+    try:
+        return flag.read_bytes()
+    except OSError:
+        return b""
 
 
 def with_local_copy(ctx: Context, fuse_dev: str) -> tuple[str, str]:
