@@ -15,6 +15,7 @@ prefix although argv[0] is not its path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -431,6 +432,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         dev.close()
         if copy is not None and not quiesced.at:
             copy.close()
+        if copy is not None:
+            with contextlib.suppress(OSError):
+                settled_flag(mountpoint).unlink()  # it speaks for this mount only
         stop_trim.set()
         pyfuse3.close(unmount=_mount_dev(mountpoint) is not None)
     return 0

@@ -229,8 +229,14 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     said: list[str] = []
     note = wait_for_copy(m.mountpoint / "progress.json", said.append)
     assert note.startswith(f" (the profile's {len(order)} blocks copied first: waited"), note
-    # the daemon said so in the file beside the mount, which the wait watched between reads
-    assert localcopy.settled_flag(m.mountpoint).read_bytes() == b"1"
+    # the daemon says so in the file beside the mount, which the wait watched between reads
+    # (its check runs every 0.05 s, so it may come just after the progress said so)
+    flag = localcopy.settled_flag(m.mountpoint)
+    for _ in range(100):
+        if flag.read_bytes() == b"1":
+            break
+        time.sleep(0.05)
+    assert flag.read_bytes() == b"1"
     st = m.status()
     pf, cp = st["prefetch"], st["copy"]
     assert isinstance(pf, dict) and isinstance(cp, dict) and pf["complete"] and not cp["queued"]
@@ -242,6 +248,7 @@ def test_profile_prefetch_fills_the_copy_before_any_read(
     bs = idx.block_size
     assert all(copy[b * bs : (b + 1) * bs] == image[b * bs : (b + 1) * bs] for b in order)
     clean_umount(m)
+    assert not localcopy.settled_flag(m.mountpoint).exists()  # it spoke for that mount only
     # their cache writes waited for an idle machine (or the unmount): none is lost
     missing = [b for b in order if not (cache / layout.block_path(idx.digest_hex(b))).is_file()]
     assert not missing, missing
