@@ -100,9 +100,10 @@ def _read_direct(fd: int, buf: mmap.mmap, n: int, offset: int) -> bytes | None:
 def settled_flag(mountpoint: Path) -> Path:
     """Where the block daemon says whether its copy is settled: a file beside the mount point,
     not in it ("0" while the boot profile or the carried blocks are being copied, "1" once they
-    are). The root stage checks it every SETTLED_POLL s: a read of ``progress.json`` through
-    FUSE cost the daemon ~1.3 ms per request under emulation, 5 requests a read, and the stage
-    polled every 0.2 s (~0.2 s of the daemon's CPU in a first boot, profiled)."""
+    are). The root stage checks it every SETTLED_POLL s: a read of ``progress.json`` is
+    several FUSE requests the daemon answers in Python, and the stage read it every 0.2 s
+    (~170 requests by a first boot's switch; under -icount the daemon's CPU then fell by
+    0.07 s, and the stage notices the end within 0.05 s instead of 0.2 s)."""
     return mountpoint.with_name(mountpoint.name + ".copy")
 
 
