@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,10 +39,12 @@ from seedboot.agent.cache import BlockCache
 from seedboot.agent.errors import SeedError
 from seedboot.agent.fetcher import DEMAND, PREFETCH, Fetcher
 from seedboot.agent.localcopy import (
+    SETTLED_GIVE_UP,
     SETTLED_POLL,
     VERITY_DATA,
     VERITY_METADATA,
     LocalCopy,
+    progress_mark,
     settled,
     settled_flag,
     watch_verity_errors,
@@ -52,8 +53,8 @@ from seedboot.agent.mirrors import MirrorSet, probe
 from seedboot.agent.mount_options import MountOptions as MountOptions
 from seedboot.agent.procfs import cpu_seconds
 from seedboot.agent.quiesce import Quiesced, quiesce
-from seedboot.agent.reader import DirReader, HttpReader, NotFound
-from seedboot.agent.release import Release, load_keys, open_release, save_release
+from seedboot.agent.reader import DirReader, HttpReader, NotFound, get_all
+from seedboot.agent.release import Release, checked_profile, load_keys, open_release, save_release
 from seedboot.agent.rollback import RollbackRefused
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,8 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
     if mirrors is not None:
         sources += [HttpReader(m.url) for m in mirrors.order()]
     for src in sources:
-        try:
-            data = src.get(path)
-        except SeedError:
-            continue
-        if hashlib.sha256(data).hexdigest() != digest:
-            log.warning("profile %s from %s does not match its signed digest", digest[:12], src.location)
+        data = checked_profile(get_all(src, [path])[0], digest, src.location)
+        if data is None:
             continue
         blocks_ = profilemod.parse(data, f"profile {digest[:12]}", nblocks=rel.index.nblocks)
         if not isinstance(src, DirReader):
@@ -276,7 +273,14 @@ def _say_when_settled(flag: Path, progress: Callable[[], dict[str, Any]]) -> Non
         return True
 
     def run() -> None:
-        while not settled(progress()):
+        seen: tuple[object, ...] = ()
+        moved = time.monotonic()
+        while not settled(st := progress()):
+            if progress_mark(st) != seen:
+                seen, moved = progress_mark(st), time.monotonic()
+            elif time.monotonic() - moved > SETTLED_GIVE_UP:
+                log.info("local copy: no progress for %.0f s; %s stays 0", SETTLED_GIVE_UP, flag)
+                return
             time.sleep(SETTLED_POLL)
         put("1")
         log.info("local copy: the profile and carried blocks are copied (%s)", flag)

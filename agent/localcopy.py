@@ -108,6 +108,22 @@ def settled_flag(mountpoint: Path) -> Path:
 
 
 SETTLED_POLL = 0.05
+# The daemon stops watching a copy that made no progress this long: longer than the root stage
+# waits without progress (PROFILE_STALL), so no waiting stage misses the flag, and a copy that
+# never settles does not wake the daemon 20 times a second for the rest of its life.
+SETTLED_GIVE_UP = 30.0
+
+
+def carry_left(copy: dict[str, Any]) -> int:
+    """Blocks the copy (its ``status()``) still has to carry over: none while it is paused
+    (its file system too full), for a paused copy carries nothing more."""
+    return int(copy.get("carry") or 0) if copy.get("room", True) else 0
+
+
+def progress_mark(progress: dict[str, Any]) -> tuple[object, object]:
+    """What changes while the profile and the copy move on (blocks prefetched, written): the
+    root stage and the daemon's watch both call a copy stalled when it stays the same."""
+    return ((progress.get("prefetch") or {}).get("done"), (progress.get("copy") or {}).get("written"))
 
 
 def settled(progress: dict[str, Any]) -> bool:
@@ -117,8 +133,7 @@ def settled(progress: dict[str, Any]) -> bool:
     if not cp or cp.get("stopped"):
         return True
     profile = pf.get("what") == "profile" and bool(pf.get("total"))
-    # a paused copy (its file system too full) carries nothing more
-    carry = int(cp.get("carry") or 0) if cp.get("room", True) else 0
+    carry = carry_left(cp)
     if not profile and not carry and not cp.get("carried"):
         return True
     return (not profile or bool(pf.get("complete"))) and not cp.get("queued") and not carry

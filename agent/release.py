@@ -141,7 +141,7 @@ def open_release(
     if isinstance(got[0], SeedError):
         raise got[0]
     index_bytes = got[0]
-    profile_bytes = _checked_profile(got[1], meta.profile, reader.location) if len(got) > 1 else None
+    profile_bytes = checked_profile(got[1], meta.profile, reader.location) if len(got) > 1 else None
     if hashlib.sha256(index_bytes).hexdigest() != meta.index:
         raise FormatError(
             f"index of {name} v{version} on {reader.location} does not match its signed digest",
@@ -184,7 +184,9 @@ def open_release(
     )
 
 
-def _checked_profile(got: bytes | SeedError, digest: str | None, where: str) -> bytes | None:
+def checked_profile(got: bytes | SeedError, digest: str | None, where: str) -> bytes | None:
+    """A fetched boot profile if it is the one the metadata signs (DIGEST), else None, said in
+    the log: a profile is only ever a hint, so a missing or wrong one is not an error."""
     if isinstance(got, SeedError):
         log.info("boot profile from %s: %s", where, got.message)
         return None

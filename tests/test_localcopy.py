@@ -432,3 +432,37 @@ def test_settled_reads_the_progress_as_the_root_stage_does() -> None:
     assert localcopy.settled({"prefetch": profile, "copy": dict(copying, stopped="disk full")})
     assert localcopy.settled({"prefetch": {"what": "off", "complete": True}, "copy": copying})
     assert localcopy.settled({"prefetch": profile, "copy": None})
+
+
+def test_daemon_flags_a_settled_copy_and_stops_watching_one_that_stalls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block daemon's side of the flag (a progress function stands in for the daemon's
+    counters: the real daemon's flag is checked above)."""
+    from seedboot.agent import daemon
+
+    monkeypatch.setattr(daemon, "SETTLED_POLL", 0.01)
+    monkeypatch.setattr(daemon, "SETTLED_GIVE_UP", 0.3)
+    profile = {"what": "profile", "total": 2, "done": 1, "complete": False}
+    state = {"prefetch": profile, "copy": {"queued": 1, "written": 1, "carry": 0, "room": True}}
+    flag = localcopy.settled_flag(tmp_path / "mnt")
+
+    def wait_for(want: bytes) -> bytes:
+        for _ in range(200):
+            if flag.read_bytes() == want:
+                break
+            time.sleep(0.01)
+        return flag.read_bytes()
+
+    daemon._say_when_settled(flag, lambda: state)
+    assert flag.read_bytes() == b"0"
+    state = {"prefetch": dict(profile, done=2, complete=True), "copy": {"queued": 0, "written": 2}}
+    assert wait_for(b"1") == b"1"
+    # a copy that makes no progress: the watch ends (its thread with it), the flag stays 0
+    stuck = {"prefetch": profile, "copy": {"queued": 1, "written": 1, "carry": 0, "room": True}}
+    before = {t.ident for t in threading.enumerate() if t.name == "copy-settled"}
+    daemon._say_when_settled(flag, lambda: stuck)
+    watching = [t for t in threading.enumerate() if t.name == "copy-settled" and t.ident not in before]
+    assert len(watching) == 1
+    watching[0].join(5)
+    assert not watching[0].is_alive() and flag.read_bytes() == b"0"

@@ -147,7 +147,7 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
     nothing, and the progress is read again once the flag says settled, or every
     PROFILE_REPORT s for the report and the stall check. Without the flag it reads the
     progress every 0.2 s."""
-    from seedboot.agent.localcopy import SETTLED_POLL, settled, settled_flag
+    from seedboot.agent.localcopy import SETTLED_POLL, carry_left, progress_mark, settled, settled_flag
 
     flag = settled_flag(status_path.parent)
     t0 = last = reported = time.monotonic()
@@ -163,9 +163,7 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
         if not cp or cp.get("stopped"):
             return ""
         profile = pf.get("what") == "profile" and bool(pf.get("total"))
-        # a paused copy (its file system too full) carries nothing more
-        carry = int(cp.get("carry") or 0) if cp.get("room", True) else 0
-        carry_total = max(carry_total, carry + int(cp.get("carried") or 0))
+        carry_total = max(carry_total, carry_left(cp) + int(cp.get("carried") or 0))
         if not profile and not carry_total:
             return ""
         now = time.monotonic()
@@ -180,9 +178,8 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
             if carry_total:
                 what.append(f"the last version's: {cp.get('carried')} of {carry_total} blocks")
             say(f"root: copying {', '.join(what)}, {now - t0:.0f}s")
-        progress = (pf.get("done"), cp.get("written"))
-        if progress != seen:
-            seen, last = progress, now
+        if progress_mark(st) != seen:
+            seen, last = progress_mark(st), now
         elif now - last > PROFILE_STALL:
             log.warning("local copy: no progress for %.0f s", PROFILE_STALL)
             return f" (stopped waiting for the local copy after {now - t0:.1f}s: no progress)"
