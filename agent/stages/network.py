@@ -16,10 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from seedboot.agent import netlink
 from seedboot.agent.cmdline import StaticIP
 from seedboot.agent.errors import SeedError
 from seedboot.agent.stages import Context, NetInfo
-from seedboot.agent.stages import syscalls as sc
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +88,28 @@ def carrier(iface: str) -> bool:
         return False  # EINVAL while the link is down
 
 
-def ip(*args: str) -> None:
-    sc.run(["ip", *args], timeout=10, what="configuring the network")
+def _failed(what: str, e: OSError) -> SeedError:
+    return SeedError(f"configuring the network: {what} failed: {e.strerror or e}")
 
 
 def link_up(ifaces: list[str]) -> None:
-    ip("link", "set", "lo", "up")
-    for i in ifaces:
-        ip("link", "set", i, "up")
+    for i in ["lo", *ifaces]:
+        try:
+            netlink.link_up(i)
+        except OSError as e:
+            raise _failed(f"setting {i} up", e) from e
 
 
 def configure(net: NetInfo) -> None:
-    ip("addr", "add", net.address, "dev", net.iface)
+    try:
+        netlink.add_address(net.iface, net.address)
+    except OSError as e:
+        raise _failed(f"address {net.address} on {net.iface}", e) from e
     if net.gateway:
-        ip("route", "add", "default", "via", net.gateway, "dev", net.iface)
+        try:
+            netlink.add_default_route(net.iface, net.gateway)
+        except OSError as e:
+            raise _failed(f"default route via {net.gateway} dev {net.iface}", e) from e
     with contextlib.suppress(OSError):
         Path(RESOLV_CONF).parent.mkdir(parents=True, exist_ok=True)
         Path(RESOLV_CONF).write_text(resolv_conf(net))
