@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.root
+from seedboot.agent import netlink
 
 # Runs in a fresh network namespace (unshare -n), so the host's network is never touched.
 SCRIPT = textwrap.dedent(
@@ -51,6 +51,25 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def test_masks_and_addresses_as_a_lease_gives_them() -> None:
+    assert [
+        netlink.prefix_len(m) for m in ("255.255.255.0", "255.255.252.0", "255.255.255.255", "0.0.0.0")
+    ] == [
+        24,
+        22,
+        32,
+        0,
+    ]
+    assert netlink.ip4("10.0.2.15") == bytes([10, 0, 2, 15])
+    for bad in ("255.0.255.0", "255.255.255", "0.0.0.256"):
+        with pytest.raises(ValueError):
+            netlink.prefix_len(bad)
+    for bad in ("10.0.2", "10.0.2.15/24", "", "::1"):
+        with pytest.raises(ValueError):
+            netlink.ip4(bad)
+
+
+@pytest.mark.root
 def test_link_address_and_default_route_as_ip_shows_them() -> None:
     p = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False

@@ -9,7 +9,6 @@ the booted OS runs its own network configuration (the address stays until it doe
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import subprocess
@@ -53,8 +52,8 @@ def parse_lease(text: str, iface: str) -> NetInfo:
     v = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     ip = v.get("ip", "")
     try:
-        addr = ipaddress.IPv4Address(ip)
-        prefix = ipaddress.IPv4Network(f"0.0.0.0/{v.get('subnet') or '255.255.255.0'}").prefixlen
+        netlink.ip4(ip)
+        prefix = netlink.prefix_len(v.get("subnet") or "255.255.255.0")
     except ValueError as e:
         raise SeedError(
             f"DHCP on {iface}: unusable lease {v}", "a DHCP server bug? try ip= on the command line"
@@ -63,7 +62,7 @@ def parse_lease(text: str, iface: str) -> NetInfo:
     lease = v.get("lease", "")
     return NetInfo(
         iface=iface,
-        address=f"{addr}/{prefix}",
+        address=f"{ip}/{prefix}",
         gateway=routers[0] if routers else None,
         dns=v.get("dns", "").split(),
         how="DHCP",
