@@ -52,14 +52,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_masks_and_addresses_as_a_lease_gives_them() -> None:
-    assert [
-        netlink.prefix_len(m) for m in ("255.255.255.0", "255.255.252.0", "255.255.255.255", "0.0.0.0")
-    ] == [
-        24,
-        22,
-        32,
-        0,
-    ]
+    masks = ("255.255.255.0", "255.255.252.0", "255.255.255.255", "0.0.0.0")
+    assert [netlink.prefix_len(m) for m in masks] == [24, 22, 32, 0]
     assert netlink.ip4("10.0.2.15") == bytes([10, 0, 2, 15])
     for bad in ("255.0.255.0", "255.255.255", "0.0.0.256"):
         with pytest.raises(ValueError):
