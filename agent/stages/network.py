@@ -1,22 +1,21 @@
 """Stage 3: the network. DHCP on every NIC with carrier (first lease wins), or the kernel's ``ip=``.
 
-DHCP is busybox ``udhcpc``, one per interface, all at once; its script only writes the lease
-to a file (``/run/seedboot/dhcp/IFACE.lease``) and the agent configures the winner itself,
-so a second answer on another NIC changes nothing. The lease is not renewed by the agent:
-the booted OS runs its own network configuration (the address stays until it does).
+DHCP is the agent's own client (agent/dhcp.py), on all the interfaces at once; the agent
+configures the winner itself (agent/netlink.py), so a second answer on another NIC changes
+nothing. The lease is not renewed by the agent: the booted OS runs its own network
+configuration (the address stays until it does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 import time
 from pathlib import Path
 
 from seedboot.agent import netlink
 from seedboot.agent.cmdline import StaticIP
+from seedboot.agent.dhcp import Lease, NoAnswer, acquire
 from seedboot.agent.errors import SeedError
 from seedboot.agent.stages import Context, NetInfo
 
@@ -25,50 +24,18 @@ log = logging.getLogger(__name__)
 CARRIER_WAIT = 5.0
 DHCP_WAIT = 20.0
 RESOLV_CONF = "/etc/resolv.conf"
-UDHCPC_SCRIPT = """#!/bin/sh
-# seedboot: udhcpc calls this with $1 = deconfig|bound|renew|leasefail|nak.
-# Only record the lease; the agent configures the interface that answered first.
-case "$1" in
-bound|renew)
-    f="$LEASEDIR/$interface.lease"
-    {
-        echo "ip=$ip"
-        echo "subnet=$subnet"
-        echo "router=$router"
-        echo "dns=$dns"
-        echo "hostname=$hostname"
-        echo "domain=$domain"
-        echo "lease=$lease"
-        echo "serverid=$serverid"
-    } > "$f.tmp" && mv "$f.tmp" "$f"
-    ;;
-esac
-exit 0
-"""
 
 
-def parse_lease(text: str, iface: str) -> NetInfo:
-    """The key=value file the udhcpc script writes."""
-    v = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    ip = v.get("ip", "")
-    try:
-        netlink.ip4(ip)
-        prefix = netlink.prefix_len(v.get("subnet") or "255.255.255.0")
-    except ValueError as e:
-        raise SeedError(
-            f"DHCP on {iface}: unusable lease {v}", "a DHCP server bug? try ip= on the command line"
-        ) from e
-    routers = v.get("router", "").split()
-    lease = v.get("lease", "")
+def from_lease(lease: Lease) -> NetInfo:
     return NetInfo(
-        iface=iface,
-        address=f"{ip}/{prefix}",
-        gateway=routers[0] if routers else None,
-        dns=v.get("dns", "").split(),
+        iface=lease.iface,
+        address=f"{lease.address}/{lease.prefix}",
+        gateway=lease.routers[0] if lease.routers else None,
+        dns=lease.dns,
         how="DHCP",
-        lease=int(lease) if lease.isdigit() else None,
-        hostname=v.get("hostname") or None,
-        domain=v.get("domain") or None,
+        lease=lease.seconds,
+        hostname=lease.hostname,
+        domain=lease.domain,
     )
 
 
@@ -115,50 +82,23 @@ def configure(net: NetInfo) -> None:
 
 
 def dhcp(ctx: Context, ifaces: list[str]) -> NetInfo:
-    leasedir = ctx.paths.run / "dhcp"
-    leasedir.mkdir(parents=True, exist_ok=True)
-    script = ctx.paths.run / "udhcpc.script"
-    script.write_text(UDHCPC_SCRIPT)
-    script.chmod(0o755)
-    env = {"PATH": os.environ.get("PATH", "/bin:/sbin"), "LEASEDIR": str(leasedir)}
-    tries = int(DHCP_WAIT / 2)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    for i in ifaces:
-        (leasedir / f"{i}.lease").unlink(missing_ok=True)
-        procs[i] = subprocess.Popen(
-            ["udhcpc", "-f", "-q", "-n", "-i", i, "-t", str(tries), "-T", "2", "-s", str(script)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
     ctx.console.waiting(f"a DHCP answer on {' '.join(ifaces)}", DHCP_WAIT)
     start = time.monotonic()
-    won: NetInfo | None = None
     try:
-        while won is None and time.monotonic() - start < DHCP_WAIT + 2:
-            for i in ifaces:
-                lease = leasedir / f"{i}.lease"
-                if lease.exists():
-                    won = parse_lease(lease.read_text(), i)
-                    break
-            else:
-                if all(p.poll() is not None for p in procs.values()):
-                    break
-                time.sleep(0.05)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        ctx.timings["wait:dhcp"] = time.monotonic() - start
-    if won is None:
+        return from_lease(acquire(ifaces, DHCP_WAIT))
+    except NoAnswer as e:
         raise SeedError(
             f"no DHCP answer on {' '.join(ifaces)} after {DHCP_WAIT:.0f}s",
             "is the cable in / the virtual NIC attached to a network with DHCP? "
             "Or set a static address: ip=CLIENT::GATEWAY:NETMASK::DEVICE:off",
-        )
-    return won
+        ) from e
+    except OSError as e:
+        raise SeedError(
+            f"DHCP on {' '.join(ifaces)}: {e.strerror or e}",
+            "set a static address instead: ip=CLIENT::GATEWAY:NETMASK::DEVICE:off",
+        ) from e
+    finally:
+        ctx.timings["wait:dhcp"] = time.monotonic() - start
 
 
 def static(ctx: Context, s: StaticIP) -> NetInfo:
