@@ -1,12 +1,14 @@
 """A DHCPv4 client for the network stage (RFC 2131): DISCOVER, OFFER, REQUEST, ACK, on every
 NIC at once, the first ACK wins.
 
-It replaces busybox ``udhcpc`` and its lease script: one exec per NIC, one shell and one ``mv``
-per lease, and the agent's polling of the lease file, ~0.15 s of a booting guest's time under
-emulation before its first HTTP request. The interface has no address yet, so, as udhcpc
-does, it sends and receives whole IPv4/UDP packets on a packet socket bound to the NIC (a UDP
-socket would depend on the server honouring the broadcast flag, and on reverse-path
-filtering, to see the answer). The broadcast flag is set all the same.
+It replaces busybox ``udhcpc`` and its lease script (an exec per NIC, a shell and an ``mv``
+per lease, and the agent polling the lease file); with agent/netlink.py in place of four
+``ip`` runs, PID 1 and its commands used 0.07 s less CPU up to the switch (-icount, (d), 2
+boots each: 5.18 -> 5.11 s) and the exchange itself takes ~0.06 s of a guest's time under
+emulation. The interface has no address yet, so, as udhcpc does, it sends and receives whole
+IPv4/UDP packets on a packet socket bound to the NIC (a UDP socket would depend on the server
+honouring the broadcast flag, and on reverse-path filtering, to see the answer). The broadcast
+flag is set all the same.
 
 The lease is not renewed: the booted OS runs its own network configuration.
 """
@@ -194,7 +196,9 @@ class _Client:
         else:
             kind = REQUEST
             opts[OPT_REQUESTED_IP] = self.offer.yiaddr
-            opts[OPT_SERVER_ID] = self.offer.options.get(OPT_SERVER_ID, b"")[:4]
+            server = self.offer.options.get(OPT_SERVER_ID, b"")[:4]
+            if len(server) == 4:
+                opts[OPT_SERVER_ID] = server
         to = (self.iface, ETH_P_IP, 0, 0, b"\xff" * 6)  # the Ethernet broadcast
         self.sock.sendto(udp_packet(message(kind, self.xid, self.mac, opts)), to)
         log.debug("%s: DHCP %s (xid %08x)", self.iface, "REQUEST" if self.offer else "DISCOVER", self.xid)

@@ -1,9 +1,10 @@
 """A link up, an IPv4 address and a default route, set through rtnetlink rather than ip(8).
 
 The network stage used to run busybox ``ip`` four times per boot (lo up, the NIC up, the
-address, the route): an exec each, ~0.17 s together under emulation, on the path to the
-first HTTP request. The three requests it needs are fixed-layout messages (rtnetlink(7)), so
-they are built here with ``struct``; pyroute2 would do the same at the price of its import.
+address, the route): an exec each, 0.07, 0.05, 0.03 and 0.02 s apart on a seed.debug console,
+on the path to the first HTTP request. The three requests it needs are fixed-layout messages
+(rtnetlink(7)), so they are built here with ``struct``; pyroute2 would do the same at the
+price of its import.
 """
 
 from __future__ import annotations
