@@ -60,6 +60,17 @@ def _request(kind: int, flags: int, body: bytes) -> None:
         raise OSError(-code, os.strerror(-code))
 
 
+def _create(kind: int, body: bytes, what: str) -> bool:
+    """A new address or route; False (and a log line) if the kernel already had that one."""
+    try:
+        _request(kind, NLM_F_CREATE | NLM_F_EXCL, body)
+    except FileExistsError:
+        log.info("%s: already there, kept", what)
+        return False
+    log.debug("%s", what)
+    return True
+
+
 def ip4(text: str) -> bytes:
     """A dotted-quad IPv4 address, packed; ValueError if it is not one. (Not ``ipaddress``:
     its import is ~20 ms of PID 1's time under emulation, for what this does.)"""
@@ -107,27 +118,16 @@ def add_address(iface: str, cidr: str) -> bool:
     if plen < 31:
         host_bits = (1 << (32 - plen)) - 1
         body += _attr(IFA_BROADCAST, (int.from_bytes(addr, "big") | host_bits).to_bytes(4, "big"))
-    try:
-        _request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
-    except FileExistsError:
-        log.info("%s already has %s", iface, cidr)
-        return False
-    log.debug("%s: address %s", iface, cidr)
-    return True
+    return _create(RTM_NEWADDR, body, f"{iface}: address {cidr}")
 
 
 def add_default_route(iface: str, gateway: str) -> bool:
-    """``ip route add default via GATEWAY dev IFACE``; False if that route was there already."""
+    """``ip route add default via GATEWAY dev IFACE``; False if a default route was there
+    already (it is kept)."""
     gw = ip4(gateway)
     # struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
     body = struct.pack(
         "=BBBBBBBBI", socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
     )
     body += _attr(RTA_GATEWAY, gw) + _attr(RTA_OIF, struct.pack("=I", _index(iface)))
-    try:
-        _request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
-    except FileExistsError:
-        log.info("a default route was already set; keeping it (wanted via %s dev %s)", gateway, iface)
-        return False
-    log.debug("default route via %s dev %s", gateway, iface)
-    return True
+    return _create(RTM_NEWROUTE, body, f"default route via {gateway} dev {iface}")
