@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,9 @@ SCRIPT = textwrap.dedent(
     from seedboot.agent.errors import SeedError
     from seedboot.agent.stages import NetInfo, network
 
+    # only the network is this process's own (unshare -n): /etc is the host's
+    network.RESOLV_CONF = sys.argv[1]
+
     def ip(*args):
         p = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True)
         return json.loads(p.stdout)
@@ -27,7 +31,7 @@ SCRIPT = textwrap.dedent(
     subprocess.run(["ip", "link", "set", "peer7", "up"], check=True)
     out = {}
     network.link_up(["eth7"])
-    net = NetInfo("eth7", "192.0.2.15/24", "192.0.2.1", [], "DHCP")
+    net = NetInfo("eth7", "192.0.2.15/24", "192.0.2.1", ["192.0.2.53"], "DHCP")
     network.configure(net)
     out["links"] = {l["ifname"]: l["flags"] for l in ip("link", "show")}
     out["addr"] = ip("-4", "addr", "show", "eth7")[0]["addr_info"]
@@ -64,10 +68,12 @@ def test_masks_and_addresses_as_a_lease_gives_them() -> None:
 
 
 @pytest.mark.root
-def test_link_address_and_default_route_as_ip_shows_them() -> None:
-    p = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False
-    )
+def test_link_address_and_default_route_as_ip_shows_them(tmp_path: Path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    host_resolv = Path("/etc/resolv.conf").read_bytes()
+    argv = ["unshare", "-n", sys.executable, "-c", SCRIPT, str(resolv)]
+    p = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert Path("/etc/resolv.conf").read_bytes() == host_resolv
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert "UP" in out["links"]["lo"] and "UP" in out["links"]["eth7"]
@@ -76,6 +82,7 @@ def test_link_address_and_default_route_as_ip_shows_them() -> None:
     (route,) = out["routes"]
     assert (route["gateway"], route["dev"]) == ("192.0.2.1", "eth7")
     assert out["addr_again"] == out["addr"]
+    assert resolv.read_text().splitlines()[1:] == ["nameserver 192.0.2.53"]
     link, addr_err, route_err = out["errors"]
     assert link == "configuring the network: setting eth9 up failed: no network interface eth9"
     assert addr_err == (
