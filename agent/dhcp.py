@@ -200,10 +200,14 @@ class _Client:
             if len(server) == 4:
                 opts[OPT_SERVER_ID] = server
         to = (self.iface, ETH_P_IP, 0, 0, b"\xff" * 6)  # the Ethernet broadcast
-        self.sock.sendto(udp_packet(message(kind, self.xid, self.mac, opts)), to)
-        log.debug("%s: DHCP %s (xid %08x)", self.iface, "REQUEST" if self.offer else "DISCOVER", self.xid)
         self.tries += 1
         self.next_send = now + RETRY
+        try:
+            self.sock.sendto(udp_packet(message(kind, self.xid, self.mac, opts)), to)
+        except OSError as e:  # the link went down for a moment: the next try may pass
+            log.warning("%s: DHCP send failed: %s; again in %.0f s", self.iface, e.strerror or e, RETRY)
+            return
+        log.debug("%s: DHCP %s (xid %08x)", self.iface, "REQUEST" if self.offer else "DISCOVER", self.xid)
 
     def restart(self, now: float) -> None:
         self.xid = transaction_id(self.mac)
@@ -290,4 +294,7 @@ def _recv(s: socket.socket) -> bytes | None:
     try:
         return s.recv(4096)
     except BlockingIOError:
+        return None
+    except OSError as e:  # the link went down (ENETDOWN is reported once, on the next read)
+        log.debug("DHCP receive: %s", e.strerror or e)
         return None

@@ -114,6 +114,23 @@ def test_no_server_is_a_bounded_wait_with_the_interfaces_named(net: Net) -> None
     assert 3 <= float(str(out["took"])) < 3 + 10  # the whole wait, and then an end
 
 
+def test_a_link_down_at_first_is_asked_again_once_it_is_up(net: Net) -> None:
+    run("ip", "-n", net.client, "link", "set", "eth0", "down")
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", net.client, sys.executable, "-c", CLIENT, "eth0", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)  # its first DISCOVER cannot leave (ENETDOWN)
+    run("ip", "-n", net.client, "link", "set", "eth0", "up")
+    out, err = client.communicate(timeout=30)
+    assert client.returncode == 0, err
+    lease = json.loads(out)
+    assert lease["iface"] == "eth0" and str(lease["address"]).startswith("192.0.2.")
+    assert "DHCP send failed" in err  # the failed send was said, and retried
+
+
 def test_packets_round_trip_through_the_parser() -> None:
     mac = bytes.fromhex("525400123456")
     msg = dhcp.message(dhcp.DISCOVER, 0x1234ABCD, mac, {dhcp.OPT_PARAMS: dhcp.PARAMS})
