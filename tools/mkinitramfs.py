@@ -19,8 +19,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import zstandard
-
 from seedboot.agent.errors import SeedError
 from seedboot.agent.signature import load_public_key
 from seedboot.tools import cpio, freeze
@@ -262,19 +260,30 @@ def assemble(
     raw = io.BytesIO()
     uncompressed = cpio.write(raw, entries)
     print(f"compressing {uncompressed / 1e6:.1f} MB with zstd -{level} ...", flush=True)
-    # The kernel's zstd decoder takes a plain single-frame stream with a content checksum.
-    # A 16 MB window with long-distance matching (zstd --long=24) finds the repeats across the
-    # ~40 MB archive (ELF files share code and tables): -0.36 MB at -19. The kernel allocates the
-    # frame's window to unpack it (16 MB instead of 8 MB, freed before /init runs).
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=WINDOW_LOG, enable_ldm=True, threads=-1, write_checksum=True
-    )
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    data = cctx.compress(raw.getvalue())
+    data = compress(raw.getvalue(), level)
     return data, uncompressed, rels, runtime_size
 
 
 WINDOW_LOG = 24
+
+
+def compress(archive: bytes, level: int) -> bytes:
+    """The cpio as the kernel's zstd decoder takes it: one frame with a content checksum.
+
+    A 16 MB window with long-distance matching finds the repeats across the ~40 MB archive
+    (ELF files share code and tables): -0.36 MB at -19. The kernel allocates the frame's window
+    to unpack it (16 MB instead of 8 MB, freed before /init runs). Literals are stored raw, not
+    Huffman-coded: under QEMU -icount the kernel unpacked the archive in 2.44 s of guest time
+    instead of 2.59 s and ran /init 0.16 s sooner (2 boots each, the same to 2 ms), for 0.18 MB
+    more (10.55 MB). That needs the zstd program: python-zstandard has no setting for it."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        raise SeedError("zstd not found", hint="apt-get install zstd")
+    argv = [zstd, f"-{level}", f"--long={WINDOW_LOG}", "--no-compress-literals", "--check", "-T0", "-q", "-c"]
+    p = subprocess.run(argv, input=archive, capture_output=True, check=False)
+    if p.returncode != 0:
+        raise SeedError(f"zstd failed ({p.returncode}): {p.stderr.decode(errors='replace').strip()}")
+    return p.stdout
 
 
 def build(
