@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seedboot.agent import netlink
+
 log = logging.getLogger(__name__)
 
 ETH_P_IP = 0x0800
@@ -143,14 +145,21 @@ def _text(value: bytes | None) -> str | None:
 
 
 def lease_of(iface: str, reply: Reply) -> Lease:
+    """The lease an ACK gives; ValueError if its subnet mask is not a netmask."""
     o = reply.options
-    mask = int.from_bytes(o.get(OPT_SUBNET, b"\xff\xff\xff\x00")[:4], "big")
+    mask = o.get(OPT_SUBNET, b"\xff\xff\xff\x00")
+    if len(mask) != 4:
+        raise ValueError(f"{iface}: a subnet mask of {len(mask)} bytes")
+    try:
+        prefix = netlink.prefix_len(socket.inet_ntoa(mask))
+    except ValueError as e:
+        raise ValueError(f"{iface}: {e}") from None
     seconds = o.get(OPT_LEASE_TIME)
     server = o.get(OPT_SERVER_ID)
     return Lease(
         iface=iface,
         address=socket.inet_ntoa(reply.yiaddr),
-        prefix=bin(mask).count("1"),
+        prefix=prefix,
         routers=_ips(o.get(OPT_ROUTER, b"")),
         dns=_ips(o.get(OPT_DNS, b"")),
         hostname=_text(o.get(OPT_HOSTNAME)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import subprocess
 import threading
 import time
@@ -66,6 +67,11 @@ def test_lease_and_resolv_conf() -> None:
         "nameserver 10.0.2.3",
         "nameserver 1.1.1.1",
     ]
+    ack[ack.index(bytes([dhcp.OPT_SUBNET, 4, 255, 255, 255, 0])) + 3] = 0  # 255.0.255.0
+    bad = dhcp.parse(bytes(ack))
+    assert bad is not None
+    with pytest.raises(ValueError, match=re.escape("eth1: '255.0.255.0' is not a netmask")):
+        dhcp.lease_of("eth1", bad)
 
 
 def ext4(path: Path, label: str, size: str = "4M") -> str:

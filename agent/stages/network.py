@@ -92,6 +92,10 @@ def dhcp(ctx: Context, ifaces: list[str]) -> NetInfo:
             "is the cable in / the virtual NIC attached to a network with DHCP? "
             "Or set a static address: ip=CLIENT::GATEWAY:NETMASK::DEVICE:off",
         ) from e
+    except ValueError as e:
+        raise SeedError(
+            f"DHCP: unusable lease ({e})", "a DHCP server bug? try ip= on the command line"
+        ) from e
     except OSError as e:
         raise SeedError(
             f"DHCP on {' '.join(ifaces)}: {e.strerror or e}",
