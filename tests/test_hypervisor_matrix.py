@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from seedboot.grub import menu
-from seedboot.tools import diskformats, diskimage, keys, mkseed, publish, vm
+from seedboot.tools import command, diskformats, diskimage, keys, mkseed, publish, vm
 from tests import artifacts
 from tests.helpers import Nginx
 
@@ -53,7 +53,7 @@ class Matrix:
         src = self.disks / diskformats.FORMATS[fmt].filename
         dst = self.work / name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst) if fmt != "raw" else diskimage.run(
+        shutil.copyfile(src, dst) if fmt != "raw" else command.run(
             ["cp", "--sparse=always", str(src), str(dst)]
         )
         return dst

@@ -24,7 +24,18 @@ from typing import Any, TextIO, cast
 from seedboot.agent import profile as profilemod
 from seedboot.agent.errors import SeedError
 from seedboot.grub import menu
-from seedboot.tools import demoroot, diskformats, diskimage, freeze, keys, mkinitramfs, mkseed, publish, vm
+from seedboot.tools import (
+    command,
+    demoroot,
+    diskformats,
+    diskimage,
+    freeze,
+    keys,
+    mkinitramfs,
+    mkseed,
+    publish,
+    vm,
+)
 from seedboot.tools import kernel as kernelmod
 
 log = logging.getLogger(__name__)
@@ -254,16 +265,16 @@ def traces_from_disk(disk: Path, fmt: str, cache: diskimage.Partition, work: Pat
     part = work / "traces-cache.ext4"
     found: list[Path] = []
     try:
-        diskimage.run(["qemu-img", "convert", "-f", diskformats.FORMATS[fmt].qemu_format, "-O", "raw",
-                       str(disk), str(raw)])  # fmt: skip
+        command.run(["qemu-img", "convert", "-f", diskformats.FORMATS[fmt].qemu_format, "-O", "raw",
+                     str(disk), str(raw)])  # fmt: skip
         diskimage.extract(raw, cache.start, cache.size, part)
         diskimage.replay_journal(part)
-        listing = diskimage.run(["debugfs", "-R", "ls -p /traces", str(part)])
+        listing = command.run(["debugfs", "-R", "ls -p /traces", str(part)])
         names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
         for name in sorted(n for n in names if n.endswith(".trace")):
             dst = work / "traces" / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            diskimage.run(["debugfs", "-R", f"dump /traces/{name} {dst}", str(part)])
+            command.run(["debugfs", "-R", f"dump /traces/{name} {dst}", str(part)])
             found.append(dst)
     finally:
         raw.unlink(missing_ok=True)

@@ -17,12 +17,12 @@ import logging
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedboot.agent.errors import SeedError
+from seedboot.tools.command import run
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def populate(tree: Path, data_mb: int) -> str:
         (tree / d).mkdir(parents=True, exist_ok=True)
     bb = busybox()
     shutil.copy2(bb, tree / "bin" / "busybox")
-    applets = subprocess.run([str(bb), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = run([str(bb), "--list"]).split()
     for name in applets:
         if name != "busybox":
             (tree / "bin" / name).symlink_to("busybox")
@@ -135,14 +135,8 @@ def build(out: Path, size_mb: int = 128, data_mb: int = 64) -> DemoRoot:
         with tmp_img.open("wb") as f:
             f.truncate(size_mb * 1024 * 1024)
         # Fixed UUID, hash seed and time: the same inputs give (nearly) the same image.
-        env = {**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)}
         cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-L", LABEL, "-U", UUID, "-E", f"hash_seed={UUID}"]
-        cmd += ["-d", str(tree), str(tmp_img)]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            raise SeedError(
-                f"mke2fs failed: {p.stderr.strip()}", hint="is e2fsprogs installed (scripts/setup)?"
-            )
+        run([*cmd, "-d", str(tree), str(tmp_img)], env={"E2FSPROGS_FAKE_TIME": str(FIXED_TIME)})
         tmp_img.replace(out)
     log.info("demo root %s: %d MB ext4, %d MB data, sha256 %s", out, size_mb, data_mb, digest[:16])
     return DemoRoot(out, size_mb, data_mb, digest)

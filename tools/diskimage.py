@@ -23,11 +23,11 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedboot.agent.errors import SeedError
+from seedboot.tools.command import run
 
 log = logging.getLogger(__name__)
 
@@ -122,26 +122,6 @@ def sfdisk_script(layout: Layout) -> str:
         boot = ", bootable" if p.bootable else ""
         lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={p.type}{boot}")
     return "\n".join(lines) + "\n"
-
-
-def run(cmd: Sequence[str], stdin: str | None = None, env: dict[str, str] | None = None) -> str:
-    """Run a build tool; on failure raise a SeedError naming the command and its last words."""
-    log.debug("run: %s", " ".join(cmd))
-    try:
-        p = subprocess.run(
-            list(cmd),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, **(env or {})},
-        )
-    except FileNotFoundError as e:
-        raise SeedError(f"{cmd[0]} is not installed", "run scripts/setup") from e
-    except subprocess.CalledProcessError as e:
-        tail = " / ".join((e.stderr or e.stdout or "").strip().splitlines()[-3:])
-        raise SeedError(f"{' '.join(cmd[:3])} ... failed: {tail}") from e
-    return p.stdout
 
 
 def replay_journal(image: Path) -> None:

@@ -31,6 +31,7 @@ from seedboot.agent.cmdline import STAGE_NAMES
 from seedboot.agent.errors import SeedError
 from seedboot.agent.main import DAEMON_MODULES
 from seedboot.tools import stublib
+from seedboot.tools.command import run
 
 log = logging.getLogger(__name__)
 
@@ -249,17 +250,6 @@ class Runtime:
     @property
     def launcher(self) -> Path:
         return self.root / "seedboot-agent"
-
-
-def run(cmd: list[str]) -> str:
-    try:
-        p = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise SeedError(f"{cmd[0]} not found", hint="run scripts/setup (gcc, binutils, python3-dev)") from e
-    except subprocess.CalledProcessError as e:
-        tail = (e.stderr or e.stdout or "").strip().splitlines()[-5:]
-        raise SeedError(f"{' '.join(cmd[:3])} ... failed: {' / '.join(tail)}") from e
-    return str(p.stdout)
 
 
 def compile_launcher(out: Path) -> None:

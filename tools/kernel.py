@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from seedboot.agent.errors import SeedError
+from seedboot.tools.command import run
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ class Kernel:
     @property
     def modules(self) -> Path:
         return self.root / "lib" / "modules" / self.version
-
-
-def run(cmd: list[str], cwd: Path | None = None) -> str:
-    try:
-        p = subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise SeedError(f"{cmd[0]} not found", hint="run scripts/setup to install the build tools") from e
-    except subprocess.CalledProcessError as e:
-        tail = (e.stderr or e.stdout or "").strip().splitlines()[-3:]
-        raise SeedError(f"{' '.join(cmd)} failed: {' / '.join(tail)}") from e
-    return str(p.stdout)
 
 
 def load(root: Path) -> Kernel:

@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from seedboot.agent.errors import SeedError
 from seedboot.agent.signature import load_public_key
 from seedboot.tools import cpio, freeze
+from seedboot.tools.command import run, run_bytes
 from seedboot.tools.kernel import Kernel, load
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def stage_modules(k: Kernel, rels: list[str], root: Path) -> None:
     for meta in MODULE_META:
         if (k.modules / meta).exists():
             shutil.copy2(k.modules / meta, dest / meta)
-    freeze.run(["depmod", "-b", str(root), k.version])
+    run(["depmod", "-b", str(root), k.version])
     # depmod's binary indexes duplicate the text files busybox modprobe reads; the whole kernel's
     # module order and built-in modinfo were only depmod's input (35 KB zstd).
     for p in [*dest.glob("*.bin"), dest / "modules.order", dest / "modules.builtin.modinfo"]:
@@ -133,7 +133,7 @@ def busybox_entries() -> Iterator[cpio.Entry]:
     if b"/lib64/ld-linux" in data[:4096]:
         raise SeedError(f"{path} is not static", hint="apt-get install busybox-static")
     yield cpio.file("bin/busybox", data, 0o755)
-    applets = subprocess.run([path, "--list-full"], capture_output=True, text=True, check=True).stdout
+    applets = run([path, "--list-full"])
     for applet in applets.split():
         # One flat layout: every applet in /bin or /sbin, nothing under /usr.
         top = "sbin" if "sbin/" in applet else "bin"
@@ -280,10 +280,7 @@ def compress(archive: bytes, level: int) -> bytes:
     if zstd is None:
         raise SeedError("zstd not found", hint="apt-get install zstd")
     argv = [zstd, f"-{level}", f"--long={WINDOW_LOG}", "--no-compress-literals", "--check", "-T0", "-q", "-c"]
-    p = subprocess.run(argv, input=archive, capture_output=True, check=False)
-    if p.returncode != 0:
-        raise SeedError(f"zstd failed ({p.returncode}): {p.stderr.decode(errors='replace').strip()}")
-    return p.stdout
+    return run_bytes(argv, archive, hint="apt-get install zstd")
 
 
 def build(

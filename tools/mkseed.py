@@ -27,7 +27,7 @@ from seedboot.agent.errors import SeedError
 from seedboot.agent.reader import NotFound, Reader, open_reader
 from seedboot.agent.release import latest_version, load_keys, open_release
 from seedboot.grub import menu
-from seedboot.tools import diskformats, diskimage
+from seedboot.tools import command, diskformats, diskimage
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def convert(raw: Path, fmt: diskformats.DiskFormat, out: Path) -> Path:
     cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt.qemu_format]
     if fmt.options:
         cmd += ["-o", ",".join(fmt.options)]
-    diskimage.run([*cmd, str(raw), str(dst)])
+    command.run([*cmd, str(raw), str(dst)])
     return dst
 
 
@@ -256,7 +256,7 @@ def build(spec: SeedSpec, stream: TextIO | None = None) -> SeedResult:
             with prog.step(f"{fmt.filename} ({fmt.hypervisor})"):
                 if name == "raw":
                     dst = spec.out / fmt.filename
-                    diskimage.run(["cp", "--sparse=always", str(raw), str(dst)])
+                    command.run(["cp", "--sparse=always", str(raw), str(dst)])
                     files[name] = dst
                 else:
                     files[name] = convert(raw, fmt, spec.out)

@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from seedboot.tools import diskimage
+from seedboot.tools import command, diskimage
 
 OVF_NAME = "seed.ovf"
 DISK_NAME = "seed-disk1.vmdk"
@@ -122,7 +122,7 @@ def _sha256(path: Path) -> str:
 def write_ova(raw: Path, out: Path, capacity: int, workdir: Path) -> Path:
     """Convert RAW to a stream-optimized vmdk and pack it with its descriptor and manifest."""
     disk = workdir / DISK_NAME
-    diskimage.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+    command.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
                    str(raw), str(disk)])  # fmt: skip
     ovf = workdir / OVF_NAME
     ovf.write_text(descriptor(disk.stat().st_size, capacity, diskimage.allocated(raw)))
