@@ -149,6 +149,8 @@ def load_profile(rel: Release, cache: Path, mirrors: MirrorSet | None) -> list[i
     if digest is None:
         log.info("prefetch: %s v%d has no published profile", rel.meta.name, rel.meta.version)
         return None
+    if rel.profile_bytes is not None:  # fetched and checked with the index (open_release)
+        return profilemod.parse(rel.profile_bytes, f"profile {digest[:12]}", nblocks=rel.index.nblocks)
     path = layout.profile_path(rel.meta.name, digest)
     sources: list[Any] = [DirReader(cache)]
     if mirrors is not None:

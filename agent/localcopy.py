@@ -126,13 +126,19 @@ def progress_mark(progress: dict[str, Any]) -> tuple[object, object]:
     return ((progress.get("prefetch") or {}).get("done"), (progress.get("copy") or {}).get("written"))
 
 
+def copying_profile(progress: dict[str, Any]) -> bool:
+    """From ``progress.json``: the prefetch is a boot profile's, which goes into the copy."""
+    pf = progress.get("prefetch") or {}
+    return pf.get("what") == "profile" and bool(pf.get("total"))
+
+
 def settled(progress: dict[str, Any]) -> bool:
     """From ``progress.json``: nothing more for the root stage to wait for (no copy, or it
     stopped, or neither a boot profile nor carried blocks to copy, or all of them copied)."""
     pf, cp = progress.get("prefetch") or {}, progress.get("copy") or {}
     if not cp or cp.get("stopped"):
         return True
-    profile = pf.get("what") == "profile" and bool(pf.get("total"))
+    profile = copying_profile(progress)
     carry = carry_left(cp)
     if not profile and not carry and not cp.get("carried"):
         return True

@@ -147,7 +147,14 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
     nothing, and the progress is read again once the flag says settled, or every
     PROFILE_REPORT s for the report and the stall check. Without the flag it reads the
     progress every 0.2 s."""
-    from seedboot.agent.localcopy import SETTLED_POLL, carry_left, progress_mark, settled, settled_flag
+    from seedboot.agent.localcopy import (
+        SETTLED_POLL,
+        carry_left,
+        copying_profile,
+        progress_mark,
+        settled,
+        settled_flag,
+    )
 
     flag = settled_flag(status_path.parent)
     t0 = last = reported = time.monotonic()
@@ -162,7 +169,7 @@ def wait_for_copy(status_path: Path, say: Callable[[str], None] = log.info) -> s
         pf, cp = st.get("prefetch") or {}, st.get("copy") or {}
         if not cp or cp.get("stopped"):
             return ""
-        profile = pf.get("what") == "profile" and bool(pf.get("total"))
+        profile = copying_profile(st)
         carry_total = max(carry_total, carry_left(cp) + int(cp.get("carried") or 0))
         if not profile and not carry_total:
             return ""
