@@ -29,6 +29,7 @@ from typing import Any
 
 from seedboot.agent import signature
 from seedboot.agent.errors import FormatError, MetadataExpired, SignatureInvalid
+from seedboot.agent.metadata import json_field, json_object
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,15 @@ def pubkey_line(key: signature.PublicKey) -> str:
 
 
 def _int(d: dict[str, Any], key: str, what: str) -> int:
-    v = d.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise FormatError(f"{what}: field {key!r} missing or not a non-negative integer")
+    v: int = json_field(d, key, int, what)
+    if v < 0:
+        raise FormatError(f"{what}: field {key!r} is negative")
     return v
 
 
 def parse(data: bytes, what: str = "keys statement") -> KeysStatement:
-    try:
-        d = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what}: not JSON: {e}") from e
-    if not isinstance(d, dict) or d.get("type") != KEYS_TYPE:
+    d = json_object(data, what)
+    if d.get("type") != KEYS_TYPE:
         raise FormatError(f"{what}: not a seedboot keys statement")
     fmt = _int(d, "format", what)
     if fmt != KEYS_FORMAT:

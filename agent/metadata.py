@@ -48,18 +48,18 @@ def _parse_verity(v: Any, what: str) -> Verity:
     if not isinstance(v, dict):
         raise FormatError(f"{what}: field 'verity' must be an object")
     out = Verity(
-        root_hash=check_digest(_field(v, "root_hash", str, what)),
-        salt=_field(v, "salt", str, what),
-        tree=check_digest(_field(v, "tree", str, what)),
-        tree_size=_field(v, "tree_size", int, what),
-        data_blocks=_field(v, "data_blocks", int, what),
-        data_size=_field(v, "data_size", int, what),
-        hash=_field(v, "hash", str, what),
-        data_block_size=_field(v, "data_block_size", int, what),
-        hash_block_size=_field(v, "hash_block_size", int, what),
-        hash_type=_field(v, "hash_type", int, what),
-        tree_zst_size=_field(v, "tree_zst_size", int, what) if "tree_zst_size" in v else 0,
-        tree_zst=check_digest(_field(v, "tree_zst", str, what)) if "tree_zst" in v else "",
+        root_hash=check_digest(json_field(v, "root_hash", str, what)),
+        salt=json_field(v, "salt", str, what),
+        tree=check_digest(json_field(v, "tree", str, what)),
+        tree_size=json_field(v, "tree_size", int, what),
+        data_blocks=json_field(v, "data_blocks", int, what),
+        data_size=json_field(v, "data_size", int, what),
+        hash=json_field(v, "hash", str, what),
+        data_block_size=json_field(v, "data_block_size", int, what),
+        hash_block_size=json_field(v, "hash_block_size", int, what),
+        hash_type=json_field(v, "hash_type", int, what),
+        tree_zst_size=json_field(v, "tree_zst_size", int, what) if "tree_zst_size" in v else 0,
+        tree_zst=check_digest(json_field(v, "tree_zst", str, what)) if "tree_zst" in v else "",
     )
     ok = (
         out.hash == "sha256"
@@ -110,7 +110,19 @@ class Metadata:
         return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expires))
 
 
-def _field(d: dict[str, Any], key: str, kind: type, what: str) -> Any:
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """DATA as a JSON object, or a FormatError naming WHAT (the metadata, a keys statement)."""
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{what}: not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise FormatError(f"{what}: not a JSON object")
+    return d
+
+
+def json_field(d: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    """D[KEY] if it is a KIND (a bool is not an int), or a FormatError naming the field."""
     v = d.get(key)
     if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
         raise FormatError(f"{what}: field {key!r} missing or not {kind.__name__}")
@@ -118,13 +130,8 @@ def _field(d: dict[str, Any], key: str, kind: type, what: str) -> Any:
 
 
 def parse(data: bytes, what: str = "metadata") -> Metadata:
-    try:
-        d = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{what}: not JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise FormatError(f"{what}: not a JSON object")
-    fmt = _field(d, "format", int, what)
+    d = json_object(data, what)
+    fmt = json_field(d, "format", int, what)
     if fmt != META_FORMAT:
         raise FormatError(f"{what}: metadata format {fmt} not supported", "update seedboot")
     profile = d.get("profile")
@@ -134,14 +141,14 @@ def parse(data: bytes, what: str = "metadata") -> Metadata:
     if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
         raise FormatError(f"{what}: field 'mirrors' must be a list of URLs")
     meta = Metadata(
-        name=check_name(_field(d, "name", str, what)),
-        version=_field(d, "version", int, what),
-        created=_field(d, "created", int, what),
-        expires=_field(d, "expires", int, what),
-        index=check_digest(_field(d, "index", str, what)),
-        index_size=_field(d, "index_size", int, what),
-        image_size=_field(d, "image_size", int, what),
-        block_size=_field(d, "block_size", int, what),
+        name=check_name(json_field(d, "name", str, what)),
+        version=json_field(d, "version", int, what),
+        created=json_field(d, "created", int, what),
+        expires=json_field(d, "expires", int, what),
+        index=check_digest(json_field(d, "index", str, what)),
+        index_size=json_field(d, "index_size", int, what),
+        image_size=json_field(d, "image_size", int, what),
+        block_size=json_field(d, "block_size", int, what),
         profile=profile,
         mirrors=list(mirrors),
         format=fmt,
