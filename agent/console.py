@@ -71,15 +71,6 @@ class Console:
                 continue
         return names
 
-    @classmethod
-    def open_console(cls, path: str = "/dev/console") -> Console:
-        out: TextIO
-        try:
-            out = open(path, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
-        except OSError:
-            out = sys.stdout
-        return cls(out)
-
     def write(self, line: str) -> None:
         for stream in (self.out, *self.extra, self.logfile):
             if stream is None:

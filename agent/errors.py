@@ -19,10 +19,6 @@ class BlockInvalid(SeedError):
     """A block whose stored bytes do not match the index (digest or length)."""
 
 
-class BlockMissing(SeedError):
-    """A block that a store does not have."""
-
-
 class SignatureInvalid(SeedError):
     """A signature that does not verify with any trusted key."""
 

@@ -69,9 +69,6 @@ class SeedResult:
     layout: diskimage.Layout
     raw_allocated: int
 
-    def sizes(self) -> dict[str, int]:
-        return {fmt: p.stat().st_size for fmt, p in self.files.items()}
-
 
 class Progress:
     """One line per step with its time; steps are numbered so a user sees how far along it is."""

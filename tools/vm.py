@@ -120,9 +120,6 @@ class Machine:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
     def expect(self, pattern: str, timeout: float = 300.0, since: int = 0) -> re.Match[str]:
         """Wait for PATTERN (a regex) in the console from offset SINCE; raise with the console's tail."""
         rx = re.compile(pattern, re.MULTILINE)
