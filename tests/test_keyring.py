@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from seedboot.agent import layout, release, rollback, signature
+from seedboot.agent import keyring, layout, release, rollback, signature
 from seedboot.agent import profile as profilemod
-from seedboot.agent.errors import MetadataExpired, SeedError, SignatureInvalid
+from seedboot.agent.errors import FormatError, MetadataExpired, SeedError, SignatureInvalid
 from seedboot.agent.reader import DirReader, HttpReader, NotFound
 from seedboot.tools import keyring_tools, keys, publish
 from tests.helpers import Nginx, keypair
@@ -264,3 +264,21 @@ def test_release_files_fetched_together_and_the_profile_beside_the_index(  # typ
     (mirror / layout.sig_path("demo", rel.meta.version)).unlink()
     with pytest.raises(SeedError, match=f"version {rel.meta.version} of 'demo' is not on"):
         release.open_release(HttpReader(srv.url), "demo", [pub(work, "root")])
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        (b"{not json", "keys.json: not JSON"),
+        (b"[1, 2]", "keys.json: not a JSON object"),
+        (b'{"type": "seedboot-keys", "format": true}', "keys.json: field 'format' missing or not int"),
+        (
+            b'{"type": "seedboot-keys", "format": 1, "keys": [], "version": -3, "created": 0, "expires": 0}',
+            "keys.json: field 'version' is negative",
+        ),
+    ],
+)
+def test_malformed_statement_says_what_is_wrong(statement: bytes, message: str) -> None:
+    with pytest.raises(FormatError) as e:
+        keyring.parse(statement, "keys.json")
+    assert e.value.message.startswith(message), e.value.message
