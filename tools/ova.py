@@ -123,7 +123,7 @@ def write_ova(raw: Path, out: Path, capacity: int, workdir: Path) -> Path:
     """Convert RAW to a stream-optimized vmdk and pack it with its descriptor and manifest."""
     disk = workdir / DISK_NAME
     command.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
-                   str(raw), str(disk)])  # fmt: skip
+                 str(raw), str(disk)])  # fmt: skip
     ovf = workdir / OVF_NAME
     ovf.write_text(descriptor(disk.stat().st_size, capacity, diskimage.allocated(raw)))
     mf = workdir / "seed.mf"

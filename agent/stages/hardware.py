@@ -106,8 +106,19 @@ def _read_aliases(paths: Iterable[str]) -> set[str]:
 # Buses whose devices never have a modalias file (no driver binds to them by alias; the CPUs'
 # is /sys/devices/system/cpu/modalias): not listed at all.
 NO_MODALIAS_BUSES = frozenset(
-    {"cpu", "memory", "node", "clockevents", "clocksource", "event_source", "workqueue"}
-    | {"memory_tiering", "machinecheck", "container", "serial-base"}
+    (
+        "cpu",
+        "memory",
+        "node",
+        "clockevents",
+        "clocksource",
+        "event_source",
+        "workqueue",
+        "memory_tiering",
+        "machinecheck",
+        "container",
+        "serial-base",
+    )
 )
 # A device's modalias, by its entry in a bus's device list: (path, the entry's inode). A device
 # that goes and comes back under the same name is a new sysfs entry, with another inode.
